@@ -1,0 +1,3 @@
+from xferkit.cli import app
+
+app(prog_name="xferkit")

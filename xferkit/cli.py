@@ -1,0 +1,345 @@
+"""Command line: parse options, call the library, print rich tables (or one JSON document)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xferkit import pipeline
+from xferkit.devices import DEVICE_CHOICES
+from xferkit.errors import XferkitError
+from xferkit.heads import HeadName
+from xferkit.progress import console as err_console
+
+app = typer.Typer(help="Repurpose pretrained CNNs for your own image classes.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+
+# Options shared by several commands, declared once.
+Backbone = Annotated[str, typer.Option("--backbone", "-b", help="timm model name (e.g. resnet18, "
+                     "resnet18.a1_in1k) or tv:NAME for torchvision (e.g. tv:mobilenet_v2).")]
+Weights = Annotated[Path | None, typer.Option("--weights", help="Local checkpoint (safetensors or "
+                    "torch state dict) instead of the published weights.")]
+Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: "
+                       "random weights, deliberately (a baseline, not transfer).")]
+Layer = Annotated[str | None, typer.Option("--layer", help="Take features from this intermediate "
+                  "layer (global-average-pooled); `xferkit backbones NAME --layers` lists them.")]
+ImageSize = Annotated[int | None, typer.Option("--image-size", min=8, help="Override the "
+                      "backbone's input size (square), e.g. 64-128 for small images on a CPU.")]
+Device = Annotated[str, typer.Option("--device", help=f"One of {', '.join(DEVICE_CHOICES)} "
+                   "(auto: CUDA when present).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+Workers = Annotated[int | None, typer.Option("--workers", min=0, help="Image-decoding processes "
+                    "(default: chosen from the core count).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature "
+                    "cache ($XFERKIT_CACHE, default ~/.cache/xferkit).")]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image "
+                   "instead of skipping and counting it.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+
+def _options(device: str, batch_size: int, workers: int | None, no_cache: bool, strict: bool,
+             as_json: bool) -> pipeline.ExtractOptions:
+    return pipeline.ExtractOptions(device, batch_size, workers, False if no_cache else None, strict,
+                                   progress=not as_json)
+
+
+def _friendly_errors(command):
+    """Turn an XferkitError into one red line and exit code 2; Ctrl-C into exit code 130."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except XferkitError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted; nothing was saved.[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def command(fn):
+    return app.command()(_friendly_errors(fn))
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _report_skipped(skipped: list, limit: int = 10) -> None:
+    if not skipped:
+        return
+    err_console.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/] (--strict makes "
+                      "this an error):", highlight=False)
+    for path, reason in skipped[:limit]:
+        err_console.print(f"  {path}: {reason}", highlight=False, markup=False)
+    if len(skipped) > limit:
+        err_console.print(f"  ... and {len(skipped) - limit} more")
+
+
+def _metrics_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@command
+def repurpose(
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or "
+                                         "train/ val/ test/ folders of those), or a CSV of "
+                                         "path,label.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Model folder to write "
+                                                "(default: runs/BACKBONE-HEAD).")] = None,
+    backbone: Backbone = "resnet18",
+    head: Annotated[HeadName, typer.Option("--head", help="How to repurpose the features.")
+                    ] = HeadName.lr,
+    C: Annotated[float | None, typer.Option("--C", help="lr: inverse regularisation strength "
+                                            "(default: chosen on the validation split).",
+                                            rich_help_panel="Head options")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="finetune, scratch, bnn, "
+                                               "gp: maximum training epochs.",
+                                               rich_help_panel="Head options")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="finetune, scratch, bnn, gp: learning "
+                                             "rate.", rich_help_panel="Head options")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="finetune, scratch:"
+                                                       " AdamW weight decay.",
+                                                       rich_help_panel="Head options")] = None,
+    max_time: Annotated[float | None, typer.Option("--max-time", help="finetune, scratch: stop "
+                                                   "training after this many seconds.",
+                                                   rich_help_panel="Head options")] = None,
+    unfreeze: Annotated[str | None, typer.Option("--unfreeze", help="finetune: how many of the "
+                                                 "last backbone blocks train (0 = classifier "
+                                                 "only, 'all' = everything).",
+                                                 rich_help_panel="Head options")] = None,
+    backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="finetune:"
+                                                           " backbone lr = --lr x this.",
+                                                           rich_help_panel="Head options")] = None,
+    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing", help="finetune, "
+                                                          "scratch: label smoothing in [0, 1).",
+                                                          rich_help_panel="Head options")] = None,
+    random_freeze: Annotated[float | None, typer.Option("--random-freeze", help="finetune: freeze"
+                                                        " this random fraction of each unfrozen "
+                                                        "layer's weights.",
+                                                        rich_help_panel="Head options")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="scratch: train this timm "
+                                             "architecture instead of --backbone's.",
+                                             rich_help_panel="Head options")] = None,
+    gp_method: Annotated[str | None, typer.Option("--gp-method", help="gp: exact, svgp or auto "
+                                                  "(by data size).",
+                                                  rich_help_panel="Head options")] = None,
+    inducing: Annotated[int | None, typer.Option("--inducing", min=1, help="gp (svgp): inducing "
+                                                 "points.", rich_help_panel="Head options")] = None,
+    gp_dim: Annotated[int | None, typer.Option("--gp-dim", min=1, help="gp: project features to "
+                                               "this many dimensions first.",
+                                               rich_help_panel="Head options")] = None,
+    mc_samples: Annotated[int | None, typer.Option("--mc-samples", min=1, help="bnn: posterior "
+                                                   "samples averaged at prediction.",
+                                                   rich_help_panel="Head options")] = None,
+    hidden: Annotated[int | None, typer.Option("--hidden", min=0, help="bnn: hidden units (0 = "
+                                               "one layer).", rich_help_panel="Head options")
+                      ] = None,
+    prior_std: Annotated[float | None, typer.Option("--prior-std", help="bnn: std of the Gaussian "
+                                                    "weight prior.",
+                                                    rich_help_panel="Head options")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Fraction of each class held "
+                                             "out for validation (when DATA has no val/).")
+                         ] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split and the head.")] = 0,
+    weights: Weights = None, pretrained: Pretrained = True, layer: Layer = None,
+    image_size: ImageSize = None, device: Device = "auto", batch_size: BatchSize = 64,
+    workers: Workers = None, no_cache: NoCache = False, strict: Strict = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output folder.")
+                     ] = False,
+    as_json: Json = False,
+) -> None:
+    """Extract features of DATA with a pretrained backbone and fit a head on them."""
+    output = output or Path("runs") / f"{backbone.replace(':', '_').replace('/', '_')}-{head.value}"
+    started = time.perf_counter()
+    result = pipeline.repurpose(
+        data, pipeline.BackboneOptions(backbone, weights, pretrained, layer, image_size),
+        head.value, output,
+        {"C": C, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "max_time": max_time,
+         "unfreeze": unfreeze, "backbone_lr_mult": backbone_lr_mult,
+         "label_smoothing": label_smoothing, "random_freeze": random_freeze, "arch": arch,
+         "method": gp_method, "inducing": inducing, "dim": gp_dim, "mc_samples": mc_samples,
+         "hidden": hidden, "prior_std": prior_std},
+        val_split, seed, force,
+        _options(device, batch_size, workers, no_cache, strict, as_json))
+    model = result.model
+    summary = {"output": str(output), "backbone": model.backbone.spec(), "classes": model.classes,
+               "head": model.head.name, "head_params": model.head.get_params(),
+               "validation_metrics": model.metrics, "info": model.info,
+               "seconds": round(time.perf_counter() - started, 2),
+               "skipped": pipeline._skipped_json(result.skipped)}
+    if as_json:
+        return _print_json(summary)
+    err_console.print(f"backbone [bold]{model.backbone.name}[/]: {model.backbone.weights_source}",
+                      highlight=False)
+    for note in result.notes:
+        err_console.print(note)
+    _report_skipped(result.skipped)
+    if model.metrics:
+        out.print(_metrics_table(model.metrics, f"validation ({model.head.name} head)"))
+    out.print(f"saved [bold]{output}[/] ({len(model.classes)} classes, "
+              f"{model.info['n_train']} training images) in {summary['seconds']:.1f}s")
+
+
+@command
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model folder written by repurpose.")],
+    data: Annotated[Path | None, typer.Argument(help="Labelled test folder or CSV (default: "
+                                                "the test/ folder of the training data).")] = None,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write confusion-matrix and "
+                                               "reliability PNGs into this folder.")] = None,
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="Exit with code 1 "
+                                                       "if test accuracy is below this.")] = None,
+    device: Device = "auto", batch_size: BatchSize = 64, workers: Workers = None,
+    no_cache: NoCache = False, strict: Strict = False, as_json: Json = False,
+) -> None:
+    """Report accuracy, macro-F1, NLL, calibration (ECE), Brier and the confusion matrix."""
+    loaded = pipeline.load_model(model)
+    if data is None:
+        data = Path(loaded.info.get("data", "")) / "test"
+        if not data.is_dir():
+            raise XferkitError(f"no test data given and {data} does not exist; "
+                               "pass the labelled test folder: xferkit evaluate MODEL DATA.")
+    result = pipeline.evaluate(loaded, data,
+                               _options(device, batch_size, workers, no_cache, strict, as_json))
+    report = result.to_json()
+    if plots is not None:
+        from xferkit.plots import plot_confusion, plot_reliability
+
+        report["plots"] = [str(plot_confusion(result.confusion, result.classes,
+                                              plots / "confusion_matrix.png")),
+                           str(plot_reliability({loaded.head.name: (result.y_true, result.proba)},
+                                                plots / "reliability.png"))]
+    if as_json:
+        _print_json(report)
+    else:
+        _report_skipped(result.skipped)
+        out.print(_metrics_table(result.metrics, f"test metrics: {data}"))
+        table = Table(title="per class")
+        for column in ("class", "precision", "recall", "f1", "support"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for row in result.per_class:
+            table.add_row(row["class"], *(f"{row[k]:.3f}" for k in ("precision", "recall", "f1")),
+                          str(row["support"]))
+        out.print(table)
+        out.print(_confusion_table(result.confusion, result.classes))
+        for path in report.get("plots", []):
+            out.print(f"wrote {path}")
+    if min_accuracy is not None and result.metrics["accuracy"] < min_accuracy:
+        err_console.print(f"[red]accuracy {result.metrics['accuracy']:.4f} is below "
+                          f"--min-accuracy {min_accuracy}[/]")
+        raise typer.Exit(1)
+
+
+def _confusion_table(matrix, classes: list[str]) -> Table:
+    table = Table(title="confusion matrix (rows: true, columns: predicted)")
+    table.add_column("")
+    for name in classes:
+        table.add_column(name, justify="right")
+    for name, row in zip(classes, matrix, strict=True):
+        table.add_row(name, *(f"[bold]{v}[/]" if i == j else str(v) if v else "[dim]0[/]"
+                              for j, v in enumerate(row) for i in [classes.index(name)]))
+    return table
+
+
+@command
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder written by repurpose.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to show.")] = 3,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Also write the predictions "
+                                                  "to this CSV file.")] = None,
+    device: Device = "auto", batch_size: BatchSize = 64, workers: Workers = None,
+    no_cache: NoCache = False, strict: Strict = False, as_json: Json = False,
+) -> None:
+    """Label new images, with probabilities, top-k labels and an uncertainty."""
+    rows, skipped = pipeline.predict(model, images, top_k,
+                                     _options(device, batch_size, workers, no_cache, strict,
+                                              as_json))
+    if csv_path is not None:
+        _write_predictions_csv(rows, csv_path)
+    if as_json:
+        return _print_json({"predictions": [r.to_json() for r in rows],
+                            "skipped": pipeline._skipped_json(skipped)})
+    _report_skipped(skipped)
+    table = Table(title=f"predictions ({len(rows)} images)")
+    for column in ("image", "label", "probability", f"top {top_k}",
+                   *(rows[0].uncertainty if rows else ())):
+        table.add_column(column, justify="left" if column in ("image", "label") else "right")
+    for r in rows:
+        table.add_row(str(r.path), r.label, f"{r.probability:.3f}",
+                      ", ".join(f"{c} {p:.2f}" for c, p in r.top_k),
+                      *(f"{v:.3f}" for v in r.uncertainty.values()))
+    out.print(table)
+
+
+def _write_predictions_csv(rows: list[pipeline.Prediction], path: Path) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = list(rows[0].uncertainty) if rows else []
+    writer.writerow(["path", "label", "probability", "top_k", *keys])
+    for r in rows:
+        writer.writerow([r.path, r.label, f"{r.probability:.6f}",
+                         ";".join(f"{c}:{p:.6f}" for c, p in r.top_k),
+                         *(f"{r.uncertainty[k]:.6f}" for k in keys)])
+    pipeline.atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+@command
+def extract(
+    data: Annotated[Path, typer.Argument(help="Labelled folder (one sub-folder per class) or CSV.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="safetensors file to write "
+                                         "(features, labels; classes and paths in metadata).")],
+    backbone: Backbone = "resnet18", weights: Weights = None, pretrained: Pretrained = True,
+    layer: Layer = None, image_size: ImageSize = None, device: Device = "auto",
+    batch_size: BatchSize = 64, workers: Workers = None, no_cache: NoCache = False,
+    strict: Strict = False, as_json: Json = False,
+) -> None:
+    """Save backbone features of a labelled folder, for use outside xferkit."""
+    feats, images = pipeline.extract(
+        data, output, pipeline.BackboneOptions(backbone, weights, pretrained, layer, image_size),
+        _options(device, batch_size, workers, no_cache, strict, as_json))
+    summary = {"output": str(output), "n": int(len(feats.kept)), "dim": int(feats.features.shape[1]),
+               "classes": images.classes, "skipped": pipeline._skipped_json(feats.skipped)}
+    if as_json:
+        return _print_json(summary)
+    _report_skipped(feats.skipped)
+    out.print(f"wrote {summary['n']} x {summary['dim']} features to [bold]{output}[/]")
+
+
+@command
+def backbones(
+    pattern: Annotated[str, typer.Argument(help="Substring or glob of model names.")] = "",
+    pretrained_only: Annotated[bool, typer.Option("--pretrained", help="Only timm models with "
+                                                  "published weights.")] = False,
+    layers: Annotated[bool, typer.Option("--layers", help="List the --layer names of the one "
+                                         "backbone named by PATTERN.")] = False,
+    as_json: Json = False,
+) -> None:
+    """List backbones (timm names, and tv:NAME for torchvision) matching PATTERN."""
+    from xferkit.backbones import layer_names, list_backbones
+
+    names = layer_names(pattern) if layers else list_backbones(pattern, pretrained_only)
+    if as_json:
+        return _print_json(names)
+    for name in names:
+        out.print(name, highlight=False)
+    err_console.print(f"{len(names)} {'layers' if layers else 'backbones'}")
