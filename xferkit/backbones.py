@@ -230,7 +230,11 @@ def _torchvision_download(name: str, weights) -> Path:
 
 def _remove_classifier(model: nn.Module) -> str:
     """Replace the last Linear layer by Identity, so the model returns pre-logit features."""
-    name, linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise XferkitError(f"{type(model).__name__} has no linear classifier to remove; "
+                           "pick another backbone, or a timm model of the same family.")
+    name, linear = linears[-1]
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
     model.num_features = linear.in_features

@@ -11,6 +11,10 @@ from xferkit.heads.base import Head
 #: head name -> "module:Class"; a new head is one module plus one line here.
 _HEADS = {
     "lr": "xferkit.heads.lr:LogisticHead",
+    "finetune": "xferkit.heads.finetune:FinetuneHead",
+    "scratch": "xferkit.heads.scratch:ScratchHead",
+    "gp": "xferkit.heads.gp:GPHead",
+    "bnn": "xferkit.heads.bnn:BNNHead",
 }
 
 
@@ -37,8 +41,8 @@ def create_head(name: str, **params) -> Head:
     foreign = sorted(set(given) - set(accepted))
     if foreign:
         options = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        raise XferkitError(f"{options} do(es) not apply to the {name} head; it takes: "
-                           f"{', '.join(accepted) or 'no options'}.")
+        raise XferkitError(f"the {name} head does not take {options} "
+                           f"(its hyper-parameters: {', '.join(accepted) or 'none'}).")
     return cls(**given)
 
 
