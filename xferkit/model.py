@@ -64,11 +64,16 @@ class TransferModel:
                 f"this model was trained on (digest {backbone.weights_digest[:12]} here, "
                 f"{spec['weights_digest'][:12]} recorded). Restore the original weights file.")
         backbone.preprocess = Preprocess.from_json(spec["preprocess"])
-        return cls(backbone, Head.load(folder), manifest["classes"], manifest.get("validation_metrics", {}),
+        head = Head.load(folder)
+        if head.input_kind == "images":  # image heads rebuild their network from the backbone
+            head.attach(backbone)
+        return cls(backbone, head, manifest["classes"], manifest.get("validation_metrics", {}),
                    manifest.get("info", {}))
 
     def predict_proba(self, paths: list[Path], **extract_options) -> tuple[np.ndarray, Features]:
         """Probabilities for the images that decoded; ``Features.kept``/``skipped`` say which."""
+        if self.head.input_kind == "images":
+            return self.head.predict_images(paths, **extract_options)
         feats = extract_features(self.backbone, paths, **extract_options)
         proba = self.head.predict_proba(feats.features) if len(feats.kept) else np.zeros(
             (0, len(self.classes)))

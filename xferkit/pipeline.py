@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,11 @@ from xferkit.backbones import Backbone, create_backbone
 from xferkit.data import LabelledImages, expand_image_paths, load_splits, read_image_folder
 from xferkit.errors import XferkitError
 from xferkit.features import Features, extract_features
-from xferkit.heads import create_head, get_head_class
+from xferkit.heads import Head, create_head, get_head_class
 from xferkit.heads.base import predictive_entropy
 from xferkit.metrics import classification_metrics, confusion, per_class_report
 from xferkit.model import TransferModel
+from xferkit.training import readable_images
 
 
 @dataclass
@@ -52,9 +53,9 @@ class BackboneOptions:
 
 @dataclass
 class LabelledFeatures:
-    """Features with their labels, after unreadable files were dropped."""
+    """Features (image paths, for heads that train on pixels) with labels, unreadable files dropped."""
 
-    X: np.ndarray
+    X: np.ndarray | list[Path]
     y: np.ndarray
     skipped: list[tuple[Path, str]]
 
@@ -73,6 +74,14 @@ def labelled_features(backbone: Backbone, data: LabelledImages, options: Extract
     return LabelledFeatures(feats.features, data.labels[feats.kept], feats.skipped)
 
 
+def labelled_images(backbone: Backbone, data: LabelledImages, options: ExtractOptions
+                    ) -> LabelledFeatures:
+    """The images of *data* that decode, for heads that train on pixels instead of features."""
+    kept, skipped = readable_images(data.paths, backbone.preprocess, options.device, options.batch_size,
+                                    options.workers, options.strict, options.progress)
+    return LabelledFeatures([data.paths[i] for i in kept], data.labels[kept], skipped)
+
+
 def repurpose(data: str | Path, backbone: BackboneOptions | None = None, head: str = "lr",
               output: str | Path | None = None, head_params: dict | None = None,
               val_split: float = 0.2, seed: int = 0, force: bool = False,
@@ -85,10 +94,13 @@ def repurpose(data: str | Path, backbone: BackboneOptions | None = None, head: s
     model_head = create_head(head, **_with_seed(head, head_params or {}, seed))
     splits = load_splits(data, val_split, seed)
     start = time.perf_counter()
-    net = backbone.create()
-    train = labelled_features(net, splits.train, options)
-    val = labelled_features(net, splits.val, options) if splits.val else None
+    net = _create_backbone(model_head, backbone)
+    inputs = labelled_images if model_head.input_kind == "images" else labelled_features
+    train = inputs(net, splits.train, options)
+    val = inputs(net, splits.val, options) if splits.val else None
     _check_every_class_left(train.y, splits.train.classes)
+    if model_head.input_kind == "images":
+        model_head.attach(net, options.device, options.batch_size, options.workers, options.progress)
     extracted = time.perf_counter()
     model_head.fit(train.X, train.y, *((val.X, val.y) if val and len(val.y) else ()))
     fitted = time.perf_counter()
@@ -103,6 +115,15 @@ def repurpose(data: str | Path, backbone: BackboneOptions | None = None, head: s
         model.save(output, force=force)
     return RepurposeResult(model, train.skipped + (val.skipped if val else []), splits.notes,
                            {"extract": extracted - start, "fit": fitted - extracted})
+
+
+def _create_backbone(head: Head, backbone: BackboneOptions) -> Backbone:
+    """The backbone; a head that never uses pretrained weights gets a random one (nothing to load)."""
+    if getattr(head, "pretrained_weights", True):
+        return backbone.create()
+    net = replace(backbone, weights=None, pretrained=False).create()
+    net.weights_source = f"none: the {head.name} head trains from random initialisation"
+    return net
 
 
 def _with_seed(head: str, params: dict, seed: int) -> dict:
@@ -175,7 +196,8 @@ def predict(model: str | Path | TransferModel, inputs: list[str | Path], top_k: 
     proba, feats = model.predict_proba(paths, **asdict(options))
     if not len(feats.kept):
         return [], feats.skipped
-    uncertainty = model.head.uncertainty(feats.features)
+    # image heads predict from pixels; feats.features are not their input, entropy is added below
+    uncertainty = model.head.uncertainty(feats.features) if model.head.input_kind == "features" else {}
     uncertainty.setdefault("entropy", predictive_entropy(proba))
     order = np.argsort(-proba, axis=1)[:, :top_k]
     rows = []
