@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from xferkit.errors import XferkitError
+from xferkit.progress import console
 
 TV_PREFIX = "tv:"
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -128,6 +129,8 @@ def _timm_pretrained(name: str, cfg: dict) -> tuple[nn.Module, str]:
     wanted = f"{hub_id} on the Hugging Face Hub" if hub_id else cfg.get("url") or "(none published)"
     if _offline():
         raise _missing_weights(name, wanted, "HF_HUB_OFFLINE is set, so nothing is downloaded")
+    console.print(f"weights for {name} are not cached: downloading {wanted} "
+                  "(HF_HUB_OFFLINE=1 skips this)", highlight=False)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # network, auth, missing file: all end in the same advice
@@ -221,6 +224,8 @@ def _torchvision_download(name: str, weights) -> Path:
     wanted = f"{filename} (torchvision {weights})"
     if _offline():
         raise _missing_weights(name, wanted, "HF_HUB_OFFLINE is set, so nothing is downloaded")
+    console.print(f"weights for {name} are not cached: downloading {wanted} "
+                  "(HF_HUB_OFFLINE=1 skips this)", highlight=False)
     try:
         torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as err:
