@@ -343,3 +343,139 @@ def backbones(
     for name in names:
         out.print(name, highlight=False)
     err_console.print(f"{len(names)} {'layers' if layers else 'backbones'}")
+
+
+Epochs = Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum training epochs of "
+                   "every head that takes epochs (finetune, scratch, bnn, gp).")]
+MaxTime = Annotated[float | None, typer.Option("--max-time", help="Stop each pixel head's training "
+                    "(finetune, scratch) after this many seconds.")]
+ValSplit = Annotated[float, typer.Option("--val-split", help="Fraction of each class held out for "
+                     "validation (when DATA has no val/).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for the splits and the heads.")]
+
+
+@command
+def compare(
+    data: Annotated[Path, typer.Argument(help="Labelled folder (or train/ val/ test/ folders, or "
+                                         "a CSV), as for repurpose.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json, the "
+                                         "plots and one model folder per head.")
+                      ] = Path("runs/compare"),
+    heads: Annotated[str | None, typer.Option("--heads", help="Comma-separated heads to compare "
+                                              "(default: every registered head).")] = None,
+    backbone: Backbone = "resnet18", epochs: Epochs = None, max_time: MaxTime = None,
+    settings: Annotated[list[str] | None, typer.Option("--set", help="HEAD.PARAM=VALUE for one "
+                                                       "head, e.g. --set finetune.epochs=2 "
+                                                       "(repeatable).")] = None,
+    val_split: ValSplit = 0.2,
+    test_split: Annotated[float, typer.Option("--test-split", help="Fraction of each class held "
+                                              "out for testing when DATA has no test/.")] = 0.2,
+    seed: Seed = 0,
+    learning_curve: Annotated[bool, typer.Option("--learning-curve", help="Also plot test accuracy "
+                                                 "against training examples per class for lr "
+                                                 "and scratch (several extra fits).")] = False,
+    weights: Weights = None, pretrained: Pretrained = True, layer: Layer = None,
+    image_size: ImageSize = None, device: Device = "auto", batch_size: BatchSize = 64,
+    workers: Workers = None, no_cache: NoCache = False, strict: Strict = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing comparison.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Fit every head on one split of DATA and compare accuracy, calibration and cost."""
+    from xferkit.compare import compare as run_compare
+    from xferkit.compare import parse_head_settings
+
+    result = run_compare(
+        data, pipeline.BackboneOptions(backbone, weights, pretrained, layer, image_size),
+        [h.strip() for h in heads.split(",") if h.strip()] if heads else None, output,
+        {"epochs": epochs, "max_time": max_time}, parse_head_settings(settings or []),
+        val_split, test_split, seed, learning_curve, force,
+        _options(device, batch_size, workers, no_cache, strict, as_json))
+    report = result.to_json()
+    if as_json:
+        return _print_json(report)
+    for note in result.notes:
+        err_console.print(note, highlight=False)
+    out.print(_comparison_table(result))
+    for row in result.rows:
+        if row.status == "failed":
+            err_console.print(f"{row.head} failed: {row.error}", style="red", markup=False,
+                              highlight=False)
+    out.print(f"wrote {output / 'report.json'}, {len(result.plots)} plot(s) and one model folder "
+              "per head (use one with `xferkit predict`)")
+
+
+def _comparison_table(result) -> Table:
+    from xferkit.compare import COLUMNS
+
+    formats = {"accuracy": ".3f", "macro_f1": ".3f", "nll": ".3f", "ece": ".3f", "brier": ".3f",
+               "fit_seconds": ".1f", "predict_ms_per_image": ".2f", "size_mb": ".3g"}
+    titles = {"accuracy": "acc", "macro_f1": "F1", "nll": "NLL", "ece": "ECE", "brier": "Brier",
+              "fit_seconds": "fit s", "predict_ms_per_image": "ms/img", "size_mb": "MB"}
+    sizes = result.sizes
+    table = Table(title=f"test set: {sizes['test']} images (train {sizes['train']}, val "
+                        f"{sizes['val']}); best of each column in bold green",
+                  caption="F1: macro-F1; fit s excludes the shared feature extraction; ms/img: "
+                          "prediction end to end (backbone included); MB: model folder")
+    table.add_column("head", no_wrap=True)
+    for column in COLUMNS:
+        table.add_column(titles[column], justify="right")
+    best = result.best()
+    for row in result.rows:
+        if row.status != "ok":
+            table.add_row(row.head, "[red]failed[/]", *[""] * (len(COLUMNS) - 1))
+            continue
+        table.add_row(row.head, *(f"[bold green]{row.metrics[c]:{formats[c]}}[/]" if best[c] == row.head
+                                  else f"{row.metrics[c]:{formats[c]}}" for c in COLUMNS))
+    return table
+
+
+@command
+def tune(
+    data: Annotated[Path, typer.Argument(help="Labelled folder (or CSV), as for repurpose.")],
+    head: Annotated[HeadName, typer.Option("--head", help="The head whose hyper-parameters to "
+                                           "tune.")] = HeadName.lr,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials in all (a re-run with the "
+                                        "same -o continues up to this many).")] = 20,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the trials "
+                                                "journal, table, plot and the best model "
+                                                "(default: runs/tune-HEAD).")] = None,
+    backbone: Backbone = "resnet18", epochs: Epochs = None, max_time: MaxTime = None,
+    val_split: ValSplit = 0.2, seed: Seed = 0,
+    weights: Weights = None, pretrained: Pretrained = True, layer: Layer = None,
+    image_size: ImageSize = None, device: Device = "auto", batch_size: BatchSize = 64,
+    workers: Workers = None, no_cache: NoCache = False, strict: Strict = False,
+    as_json: Json = False,
+) -> None:
+    """Bayesian optimisation (GP surrogate) of a head's hyper-parameters by validation NLL."""
+    from rich.text import Text
+
+    from xferkit.tune import tune as run_tune
+
+    output = output or Path("runs") / f"tune-{head.value}"
+    result = run_tune(data, pipeline.BackboneOptions(backbone, weights, pretrained, layer, image_size),
+                      head.value, output, trials, {"epochs": epochs, "max_time": max_time}, val_split,
+                      seed, _options(device, batch_size, workers, no_cache, strict, as_json))
+    if as_json:
+        return _print_json(result.to_json())
+    for note in result.notes:
+        err_console.print(note, highlight=False)
+    names = sorted({k for r in result.trials for k in r.params})
+    table = Table(title=f"{len(result.trials)} trials of {head.value} (best in bold green)")
+    for column in ("trial", *names, "val NLL", "val acc", "seconds"):
+        table.add_column(column, justify="right")
+    for r in result.trials:
+        cells = [str(r.number), *(_cell(r.params.get(k)) for k in names),
+                 *((f"{r.val_nll:.4f}", f"{r.val_accuracy:.3f}") if r.error is None
+                   else ("[red]failed[/]", Text(r.error[:40]))), f"{r.seconds:.1f}"]
+        table.add_row(*cells, style="bold green" if r.number == result.best.number else None)
+    out.print(table)
+    out.print(f"validation NLL: {result.baseline['nll']:.4f} with the default hyper-parameters, "
+              f"{result.best.val_nll:.4f} with the best trial ({result.best.number})")
+    if result.test_metrics:
+        out.print(_metrics_table(result.test_metrics, "test metrics of the refitted best model"))
+    out.print(f"saved [bold]{result.model_folder}[/] (best configuration refitted on train+val); "
+              f"wrote {', '.join(result.files)}")
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

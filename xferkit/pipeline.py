@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from xferkit.artifacts import atomic_write_bytes
 from xferkit.backbones import Backbone, create_backbone
-from xferkit.data import LabelledImages, expand_image_paths, load_splits, read_image_folder
+from xferkit.data import LabelledImages, Splits, expand_image_paths, load_splits, read_image_folder
 from xferkit.errors import XferkitError
 from xferkit.features import Features, extract_features
 from xferkit.heads import Head, create_head, get_head_class
@@ -85,14 +85,17 @@ def labelled_images(backbone: Backbone, data: LabelledImages, options: ExtractOp
 def repurpose(data: str | Path, backbone: BackboneOptions | None = None, head: str = "lr",
               output: str | Path | None = None, head_params: dict | None = None,
               val_split: float = 0.2, seed: int = 0, force: bool = False,
-              options: ExtractOptions | None = None) -> RepurposeResult:
-    """Extract features of *data* once, fit *head* on them, and save the model to *output*."""
+              options: ExtractOptions | None = None, splits: Splits | None = None) -> RepurposeResult:
+    """Extract features of *data* once, fit *head* on them, and save the model to *output*.
+
+    ``splits`` replaces the split of *data* (compare and tune hold out their own).
+    """
     backbone, options = backbone or BackboneOptions(), options or ExtractOptions()
     if output is not None and Path(output).exists() and not force:
         raise XferkitError(f"{output} already exists. Pass --force to overwrite it, "
                            "or choose another output folder with -o.")
     model_head = create_head(head, **_with_seed(head, head_params or {}, seed))
-    splits = load_splits(data, val_split, seed)
+    splits = splits or load_splits(data, val_split, seed)
     start = time.perf_counter()
     net = _create_backbone(model_head, backbone)
     inputs = labelled_images if model_head.input_kind == "images" else labelled_features

@@ -1,0 +1,101 @@
+"""`xferkit compare`: one row per head on one split, artifacts that predict, failures isolated, plots."""
+
+import json
+
+import numpy as np
+from conftest import TINY_BACKBONE, write_image_folder
+from typer.testing import CliRunner
+
+from xferkit import pipeline
+from xferkit.cli import app
+from xferkit.compare import COLUMNS, Comparison, HeadResult, parse_head_settings, per_class_subset
+from xferkit.data import read_image_folder
+from xferkit.heads import get_head_class, head_names
+
+runner = CliRunner()
+TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0"]
+#: Small budgets for every head that trains for epochs (pixel heads, gp, bnn).
+BUDGET = ["--epochs", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
+def test_compare_every_head_with_one_failing(tmp_path, monkeypatch):
+    data = write_image_folder(tmp_path / "data", per_class=12)
+    heads = head_names()
+    victim = next(h for h in heads if h != "lr")  # any other registered head
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(get_head_class(victim), "fit", out_of_memory)
+    out = tmp_path / "cmp"
+    report = json.loads(run("compare", data, "-o", out, *TINY, *BUDGET, "--heads", ",".join(heads),
+                            "--learning-curve", "--json").stdout)
+
+    rows = {row["head"]: row for row in report["heads"]}
+    assert list(rows) == heads
+    assert rows[victim]["status"] == "failed" and "out of memory" in rows[victim]["error"]
+    assert not (out / victim).exists()
+    ok = [row for row in report["heads"] if row["status"] == "ok"]
+    assert {row["head"] for row in ok} == set(heads) - {victim}, report["heads"]
+    assert report["split"]["test"] == 6 and "held out" in " ".join(report["notes"])
+    classes = read_image_folder(data).classes
+    for row in ok:
+        for key in ("accuracy", "macro_f1", "ece"):
+            assert 0.0 <= row[key] <= 1.0, (row["head"], key)
+        assert 0.0 <= row["brier"] <= 2.0 and row["nll"] >= 0.0
+        assert row["fit_seconds"] > 0 and row["predict_ms_per_image"] > 0 and row["size_mb"] > 0
+        assert row["n_test"] == 6
+        predictions, _ = pipeline.predict(row["artifact"], [data / "red" / "0.png"],
+                                          options=pipeline.ExtractOptions(workers=0, progress=False))
+        assert predictions[0].label in classes
+    assert rows["lr"]["accuracy"] > 0.9  # colours are trivially separable: a working head gets them
+    best = report["best"]
+    assert set(best) == set(COLUMNS) and best["accuracy"] in {row["head"] for row in ok}
+    assert rows[best["accuracy"]]["accuracy"] == max(row["accuracy"] for row in ok)
+
+    curve = report["learning_curve"]["lr"]
+    assert [k for k, _ in curve][:3] == [1, 2, 5] and curve[-1] == [8.0, rows["lr"]["accuracy"]]
+    for plot in ("reliability.png", "accuracy_vs_fit_time.png", "learning_curve.png"):
+        assert (out / plot).read_bytes().startswith(PNG_MAGIC), plot
+        assert str(out / plot) in report["plots"]
+    assert json.loads((out / "report.json").read_text()) == report
+
+    again = run("compare", data, "-o", out, *TINY, "--heads", "lr", code=2)
+    assert "already holds a comparison" in again.output
+
+
+def test_compare_uses_the_datas_own_test_split(split_folder, tmp_path):
+    report = json.loads(run("compare", split_folder, "-o", tmp_path / "cmp", *TINY, "--heads", "lr",
+                            "--json").stdout)
+    assert report["test_source"] == str(split_folder / "test") and report["split"]["test"] == 15
+    assert not (tmp_path / "cmp" / "test.csv").exists()
+    assert report["heads"][0]["n_test"] == 15
+
+
+def test_compare_table_marks_the_best_head():
+    rows = [HeadResult("a", "ok", {c: 0.5 for c in COLUMNS}),
+            HeadResult("b", "ok", {c: 0.7 for c in COLUMNS}), HeadResult("c", "failed", error="x")]
+    best = Comparison(rows, {}, "", []).best()
+    assert best["accuracy"] == "b" and best["nll"] == "a" and best["fit_seconds"] == "a"
+
+
+def test_per_class_subsets_nest_and_keep_every_class(image_folder):
+    data = read_image_folder(image_folder)
+    small, large = per_class_subset(data, 2, seed=3), per_class_subset(data, 5, seed=3)
+    assert np.bincount(small.labels).tolist() == [2, 2, 2]
+    assert set(small.paths) <= set(large.paths)
+
+
+def test_head_settings_take_the_parameters_type():
+    assert parse_head_settings(["lr.C=0.5", "lr.max_iter=50"]) == {"lr": {"C": 0.5, "max_iter": 50}}
+    for bad, message in [("lr.C", "HEAD.PARAM=VALUE"), ("lr.nope=1", "no parameter"),
+                         ("lr.max_iter=many", "not a valid int")]:
+        result = run("compare", ".", "--set", bad, code=2)
+        assert message in result.output
