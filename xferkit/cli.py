@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from xferkit import pipeline
@@ -60,7 +61,8 @@ def _friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except XferkitError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; nothing was saved.[/]")
@@ -82,7 +84,7 @@ def _report_skipped(skipped: list, limit: int = 10) -> None:
     err_console.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/] (--strict makes "
                       "this an error):", highlight=False)
     for path, reason in skipped[:limit]:
-        err_console.print(f"  {path}: {reason}", highlight=False, markup=False)
+        err_console.print(f"  {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if len(skipped) > limit:
         err_console.print(f"  ... and {len(skipped) - limit} more")
 
