@@ -28,6 +28,7 @@ from xferkit.pipeline import (
     Evaluation,
     ExtractOptions,
     evaluate,
+    labelled_features,
     load_model,
     repurpose,
     write_json,
@@ -112,6 +113,9 @@ def compare(data: str | Path, backbone: BackboneOptions | None = None, heads: li
         return repurpose(data, backbone, name, folder, params(name), val_split, seed, force=True,
                          options=options, splits=fit_splits)
 
+    # one pass over the test images first warms the file cache and the kernels, so that each head's
+    # timed prediction measures the head, not who came first (the learning curve reuses the features)
+    labelled_features(backbone.create(), splits.test, options)
     rows = [run_head(name, lambda f, n=name: fit(n, splits, f), test_source, output / name, options)
             for name in heads]
     result = Comparison(rows, {"train": len(splits.train), "val": len(splits.val or []),
