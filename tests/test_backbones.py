@@ -4,12 +4,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import TINY_BACKBONE
 from safetensors.torch import save_file
 
 from xferkit.backbones import create_backbone, state_digest
 from xferkit.errors import XferkitError
-
-from conftest import TINY_BACKBONE
 
 
 def _random_timm_state(seed: int) -> dict:

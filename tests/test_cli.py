@@ -3,12 +3,11 @@
 import json
 
 import pytest
+from conftest import TINY_BACKBONE, write_image_folder
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from xferkit.cli import app
-
-from conftest import TINY_BACKBONE, write_image_folder
 
 runner = CliRunner()
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "64"]

@@ -4,12 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_BACKBONE
 
 from xferkit.backbones import create_backbone
 from xferkit.errors import XferkitError
 from xferkit.features import extract_features
-
-from conftest import TINY_BACKBONE
 
 
 @pytest.fixture

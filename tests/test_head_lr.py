@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import separable_features
 
 from xferkit.errors import XferkitError
 from xferkit.heads import Head, create_head
 from xferkit.heads.lr import C_GRID
-
-from conftest import separable_features
 
 
 def test_learns_separable_data_with_valid_probabilities():
