@@ -48,6 +48,11 @@ Strict = Annotated[bool, typer.Option("--strict", help="Fail on the first unread
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
 
+def _head_option(flag: str, help: str, **kwargs) -> typer.models.OptionInfo:
+    """A repurpose option that sets one head hyper-parameter (grouped under "Head options")."""
+    return typer.Option(flag, help=help, rich_help_panel="Head options", **kwargs)
+
+
 def _options(device: str, batch_size: int, workers: int | None, no_cache: bool, strict: bool,
              as_json: bool) -> pipeline.ExtractOptions:
     return pipeline.ExtractOptions(device, batch_size, workers, False if no_cache else None, strict,
@@ -108,54 +113,39 @@ def repurpose(
     backbone: Backbone = "resnet18",
     head: Annotated[HeadName, typer.Option("--head", help="How to repurpose the features.")
                     ] = HeadName.lr,
-    C: Annotated[float | None, typer.Option("--C", help="lr: inverse regularisation strength "
-                                            "(default: chosen on the validation split).",
-                                            rich_help_panel="Head options")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="finetune, scratch, bnn, "
-                                               "gp: maximum training epochs.",
-                                               rich_help_panel="Head options")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="finetune, scratch, bnn, gp: learning "
-                                             "rate.", rich_help_panel="Head options")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="finetune, scratch:"
-                                                       " AdamW weight decay.",
-                                                       rich_help_panel="Head options")] = None,
-    max_time: Annotated[float | None, typer.Option("--max-time", help="finetune, scratch: stop "
-                                                   "training after this many seconds.",
-                                                   rich_help_panel="Head options")] = None,
-    unfreeze: Annotated[str | None, typer.Option("--unfreeze", help="finetune: how many of the "
-                                                 "last backbone blocks train (0 = classifier "
-                                                 "only, 'all' = everything).",
-                                                 rich_help_panel="Head options")] = None,
-    backbone_lr_mult: Annotated[float | None, typer.Option("--backbone-lr-mult", help="finetune:"
-                                                           " backbone lr = --lr x this.",
-                                                           rich_help_panel="Head options")] = None,
-    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing", help="finetune, "
-                                                          "scratch: label smoothing in [0, 1).",
-                                                          rich_help_panel="Head options")] = None,
-    random_freeze: Annotated[float | None, typer.Option("--random-freeze", help="finetune: freeze"
-                                                        " this random fraction of each unfrozen "
-                                                        "layer's weights.",
-                                                        rich_help_panel="Head options")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="scratch: train this timm "
-                                             "architecture instead of --backbone's.",
-                                             rich_help_panel="Head options")] = None,
-    gp_method: Annotated[str | None, typer.Option("--gp-method", help="gp: exact, svgp or auto "
-                                                  "(by data size).",
-                                                  rich_help_panel="Head options")] = None,
-    inducing: Annotated[int | None, typer.Option("--inducing", min=1, help="gp (svgp): inducing "
-                                                 "points.", rich_help_panel="Head options")] = None,
-    gp_dim: Annotated[int | None, typer.Option("--gp-dim", min=1, help="gp: project features to "
-                                               "this many dimensions first.",
-                                               rich_help_panel="Head options")] = None,
-    mc_samples: Annotated[int | None, typer.Option("--mc-samples", min=1, help="bnn: posterior "
-                                                   "samples averaged at prediction.",
-                                                   rich_help_panel="Head options")] = None,
-    hidden: Annotated[int | None, typer.Option("--hidden", min=0, help="bnn: hidden units (0 = "
-                                               "one layer).", rich_help_panel="Head options")
-                      ] = None,
-    prior_std: Annotated[float | None, typer.Option("--prior-std", help="bnn: std of the Gaussian "
-                                                    "weight prior.",
-                                                    rich_help_panel="Head options")] = None,
+    C: Annotated[float | None, _head_option(
+        "--C", "lr: inverse regularisation strength (default: chosen on the validation split).")] = None,
+    epochs: Annotated[int | None, _head_option(
+        "--epochs", "finetune, scratch, bnn, gp: maximum training epochs.", min=1)] = None,
+    lr: Annotated[float | None, _head_option(
+        "--lr", "finetune, scratch, bnn, gp: learning rate.")] = None,
+    weight_decay: Annotated[float | None, _head_option(
+        "--weight-decay", "finetune, scratch: AdamW weight decay.")] = None,
+    max_time: Annotated[float | None, _head_option(
+        "--max-time", "finetune, scratch: stop training after this many seconds.")] = None,
+    unfreeze: Annotated[str | None, _head_option(
+        "--unfreeze", "finetune: how many of the last backbone blocks train (0 = classifier only, 'all' = "
+                      "everything).")] = None,
+    backbone_lr_mult: Annotated[float | None, _head_option(
+        "--backbone-lr-mult", "finetune: backbone lr = --lr x this.")] = None,
+    label_smoothing: Annotated[float | None, _head_option(
+        "--label-smoothing", "finetune, scratch: label smoothing in [0, 1).")] = None,
+    random_freeze: Annotated[float | None, _head_option(
+        "--random-freeze", "finetune: freeze this random fraction of each unfrozen layer's weights.")] = None,
+    arch: Annotated[str | None, _head_option(
+        "--arch", "scratch: train this timm architecture instead of --backbone's.")] = None,
+    gp_method: Annotated[str | None, _head_option(
+        "--gp-method", "gp: exact, svgp or auto (by data size).")] = None,
+    inducing: Annotated[int | None, _head_option(
+        "--inducing", "gp (svgp): inducing points.", min=1)] = None,
+    gp_dim: Annotated[int | None, _head_option(
+        "--gp-dim", "gp: project features to this many dimensions first.", min=1)] = None,
+    mc_samples: Annotated[int | None, _head_option(
+        "--mc-samples", "bnn: posterior samples averaged at prediction.", min=1)] = None,
+    hidden: Annotated[int | None, _head_option(
+        "--hidden", "bnn: hidden units (0 = one layer).", min=0)] = None,
+    prior_std: Annotated[float | None, _head_option(
+        "--prior-std", "bnn: std of the Gaussian weight prior.")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Fraction of each class held "
                                              "out for validation (when DATA has no val/).")
                          ] = 0.2,
