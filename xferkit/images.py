@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_ORIENTATION = 0x0112  # EXIF tag
 
 
 class UnreadableImage(Exception):
     """The file is not an image PIL can decode (corrupt, truncated, empty or another format)."""
+
+
+@dataclass
+class JpegFile:
+    """A JPEG's undecoded bytes, for a GPU decoder: size and EXIF orientation read from its header."""
+
+    data: bytes
+    size: tuple[int, int]
+    orientation: int
+
+
+def read_jpeg(path: str | Path) -> JpegFile | None:
+    """The bytes of a plain baseline YCbCr JPEG that ends where it should; ``None`` for anything else.
+
+    Other files (progressive, CMYK, greyscale, Adobe RGB, truncated, PNG, ...) are left to
+    :func:`load_rgb`, so that every rule it applies still holds for them.
+    """
+    try:
+        data = Path(path).read_bytes()
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if (img.format != "JPEG" or img.mode != "RGB" or "progression" in img.info
+                    or img.info.get("adobe_transform") == 0):
+                return None
+            orientation = img.getexif().get(_ORIENTATION, 1)
+            size = img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
+        return None
+    return JpegFile(data, size, orientation) if data.rstrip(b"\0").endswith(b"\xff\xd9") else None
 
 
 def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:

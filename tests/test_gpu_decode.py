@@ -1,0 +1,98 @@
+"""Decoding JPEGs on the extraction device: same pixels and features as the worker path, same skips.
+
+torchvision decodes on the CPU as well as with nvJPEG, so the whole device path runs here; the
+test marked ``gpu`` repeats the comparison on CUDA.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE
+from PIL import Image, ImageOps
+
+from xferkit.backbones import create_backbone
+from xferkit.errors import XferkitError
+from xferkit.features import extract_features, image_to_tensor
+from xferkit.gpu_decode import orient, resize_crop
+from xferkit.images import read_jpeg
+
+
+def _photo(path, size=(90, 60), orientation=1, seed=0, **save):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1] // 6, size[0] // 6, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).resize(size, Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=92, **save)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pillow(tmp_path, orientation):
+    path = _photo(tmp_path / "o.jpg", orientation=orientation)
+    decoded = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    expected = np.array(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    np.testing.assert_array_equal(orient(decoded, orientation).permute(1, 2, 0).numpy(), expected)
+
+
+def test_resize_crop_matches_the_pillow_path(tmp_path):
+    preprocess = create_backbone(TINY_BACKBONE, pretrained=False).preprocess
+    path = _photo(tmp_path / "a.jpg", size=(400, 300))
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    ours = resize_crop(pixels[None], preprocess)[0]
+    reference = image_to_tensor(path, preprocess).float()
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().mean() < 2.0  # of 255: the two resamplers round differently
+
+
+def test_only_plain_complete_jpegs_are_left_to_the_device(tmp_path):
+    assert read_jpeg(_photo(tmp_path / "plain.jpg", orientation=6)).orientation == 6
+    assert read_jpeg(_photo(tmp_path / "p.jpg", progressive=True)) is None
+    Image.new("L", (20, 20)).save(tmp_path / "grey.jpg")
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(_photo(tmp_path / "whole.jpg").read_bytes()[:-300])
+    for name in ("grey.jpg", "x.png", "cut.jpg"):
+        assert read_jpeg(tmp_path / name) is None
+
+
+def _mixed_folder(tmp_path):
+    paths = [_photo(tmp_path / f"{o}.jpg", size=(120 + 8 * o, 90), orientation=o, seed=o)
+             for o in range(1, 9)]
+    Image.new("RGB", (50, 40), (9, 99, 199)).save(tmp_path / "png.png")
+    corrupt = tmp_path / "corrupt.jpg"  # a valid header, garbage after it
+    data = bytearray(paths[0].read_bytes())
+    data[len(data) // 2:-2] = bytes(len(data) // 2 - 2)
+    corrupt.write_bytes(bytes(data))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    return paths + [tmp_path / "png.png", corrupt, tmp_path / "empty.jpg"]
+
+
+def _compare_decoders(paths, device: str):
+    backbone = create_backbone(TINY_BACKBONE, pretrained=False)
+    options = {"device": device, "cache_dir": False, "progress": False, "workers": 0}
+    workers = extract_features(backbone, paths, decode="workers", **options)
+    on_device = extract_features(backbone, paths, decode="device", **options)
+    np.testing.assert_array_equal(workers.kept, on_device.kept)
+    assert [p for p, _ in workers.skipped] == [p for p, _ in on_device.skipped]
+    scale = np.abs(workers.features).mean()
+    assert np.abs(workers.features - on_device.features).max() < 0.05 * scale
+    return workers
+
+
+def test_device_decoding_gives_the_same_features_and_skips(tmp_path):
+    feats = _compare_decoders(_mixed_folder(tmp_path), "cpu")
+    assert "empty.jpg" in {p.name for p, _ in feats.skipped}
+
+
+def test_unknown_decode_is_an_error(image_folder):
+    backbone = create_backbone(TINY_BACKBONE, pretrained=False)
+    with pytest.raises(XferkitError, match="unknown decode"):
+        extract_features(backbone, sorted(image_folder.rglob("*.png")), decode="gpu", cache_dir=False)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decoding_matches_the_workers(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _compare_decoders(_mixed_folder(tmp_path), "cuda")
