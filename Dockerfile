@@ -20,7 +20,8 @@ RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 \
     && pip install --no-cache-dir . \
     && useradd --create-home --uid 1000 xferkit \
     && mkdir -p /cache /data \
-    && chown xferkit:xferkit /cache /data
+    && chown xferkit:xferkit /cache /data \
+    && chmod 1777 /cache
 
 USER 1000:1000
 VOLUME ["/cache"]
