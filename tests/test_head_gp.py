@@ -1,15 +1,19 @@
-"""The Gaussian-process head: exact and sparse variants learn, integrate over the latent GP, round-trip."""
+"""The Gaussian-process head: exact and sparse variants learn, integrate over the latent GP, calibrate,
+stop when converged, round-trip."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_BACKBONE, separable_features
 from typer.testing import CliRunner
 
 from xferkit.cli import app
 from xferkit.errors import XferkitError
 from xferkit.heads import Head, create_head
+from xferkit.heads.gp import WINDOW
+from xferkit.metrics import classification_metrics
 
 
 def split(n_per_class: int = 30):
@@ -37,6 +41,62 @@ def test_learns_separable_data_with_valid_probabilities(method):
     assert head.method_ == method and head.score(X_test, y_test) >= 0.95
     assert proba.shape == (len(X_test), 3) and np.all((proba >= 0) & (proba <= 1))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def overlapping_split():
+    """Three classes whose blobs overlap a little: some mistakes, so calibration can be measured."""
+    X, y = separable_features(n_per_class=60, spread=4.0)
+    return X[:90], y[:90], X[90:], y[90:]
+
+
+def test_fitted_temperature_sharpens_the_underconfident_gp_without_changing_its_classes():
+    X, y, X_test, y_test = overlapping_split()
+    raw = create_head("gp", temperature=1.0).fit(X, y)
+    tuned = create_head("gp").fit(X, y)  # exact: from leave-one-out predictions, no validation data
+    assert raw.temperature_ == 1.0 and tuned.temperature_ < 0.8
+    np.testing.assert_array_equal(tuned.predict(X_test), raw.predict(X_test))
+    nll = {name: classification_metrics(y_test, head.predict_proba(X_test))["nll"]
+           for name, head in (("raw", raw), ("tuned", tuned))}
+    assert nll["tuned"] < 0.8 * nll["raw"]
+
+
+def test_perfectly_separated_data_do_not_drive_the_temperature_to_certainty(exact):
+    head, _, _ = exact  # every leave-one-out prediction is right: the NLL alone would pick T -> 0
+    assert 0.3 < head.temperature_ < 1.0
+
+
+def test_leave_one_out_equals_the_gp_conditioned_on_the_other_examples(exact):
+    head, _, _ = exact
+    Z = head.model_.train_inputs[0]
+    mean, var = head._leave_one_out(Z)
+    for i in (0, 17, 42):
+        others = torch.arange(len(Z)) != i
+        model = head._build(Z.shape[1], train=(Z[others], head.targets_[others]))
+        model.load_state_dict(head.model_.state_dict())
+        model.eval()
+        with torch.no_grad():
+            dist = model(Z[i:i + 1])
+        torch.testing.assert_close(mean[i], dist.mean[:, 0], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(var[i], dist.variance[:, 0], atol=1e-3, rtol=1e-3)
+
+
+def test_svgp_temperature_comes_from_validation_data_or_is_given():
+    X, y, X_test, y_test = overlapping_split()
+    params = {"method": "svgp", "inducing": 16}
+    raw = create_head("gp", temperature=1.0, epochs=40, **params).fit(X[:60], y[:60], X[60:], y[60:])
+    tuned = create_head("gp", epochs=40, **params).fit(X[:60], y[:60], X[60:], y[60:])
+    assert raw.temperature_ == 1.0 and tuned.temperature_ < 0.8
+    assert (classification_metrics(y_test, tuned.predict_proba(X_test))["nll"]
+            < classification_metrics(y_test, raw.predict_proba(X_test))["nll"])
+    assert create_head("gp", epochs=5, **params).fit(X, y).temperature_ == 1.0  # nothing held out
+
+
+def test_training_stops_once_converged():
+    X, y, X_test, y_test = split()
+    exact = create_head("gp", epochs=100).fit(X, y)
+    svgp = create_head("gp", method="svgp", inducing=16, epochs=1000).fit(X, y)
+    assert exact.epochs_ < 100 and 2 * WINDOW <= svgp.epochs_ < 1000
+    assert exact.score(X_test, y_test) >= 0.95 and svgp.score(X_test, y_test) >= 0.95
 
 
 def test_auto_picks_exact_for_small_data(exact):
@@ -74,6 +134,8 @@ def test_uncertainty_grows_away_from_the_training_data(exact):
     ({"method": "laplace"}, "unknown GP method 'laplace'"),
     ({"method": "svgp", "inducing": 61}, "inducing=61 exceeds the 60 training examples"),
     ({"dim": 100}, "dim=100 is too large"),
+    ({"alpha_epsilon": 0}, "alpha_epsilon must be positive"),
+    ({"temperature": -1.0}, "temperature must be positive"),
 ])
 def test_bad_hyper_parameters_are_clear_errors(params, message):
     X, y, _, _ = split()
