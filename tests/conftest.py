@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 #: A tiny timm architecture (random init in tests): fast enough for the default suite.
 TINY_BACKBONE = "test_resnet"
@@ -59,3 +60,12 @@ def separable_features(n_per_class: int = 40, dim: int = 16, n_classes: int = 3,
     X = centres[y] + rng.normal(0, spread, (len(y), dim))
     order = rng.permutation(len(y))
     return X[order].astype(np.float32), y[order]
+
+
+def run_cli(*args, code: int = 0):
+    """Invoke the xferkit CLI in-process; assert its exit code and return the click Result."""
+    from xferkit.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result

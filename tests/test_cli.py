@@ -3,27 +3,17 @@
 import json
 
 import pytest
-from conftest import TINY_BACKBONE, write_image_folder
+from conftest import TINY_BACKBONE, run_cli, write_image_folder
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
-from xferkit.cli import app
-
-runner = CliRunner()
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "64"]
-
-
-def run(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
 
 
 @pytest.fixture
 def trained(split_folder, tmp_path):
     """A model repurposed from split_folder/train (its test/ is left for evaluate)."""
     model = tmp_path / "runs" / "tiny"
-    result = run("repurpose", split_folder, "-o", model, *TINY, "--json")
+    result = run_cli("repurpose", split_folder, "-o", model, *TINY, "--json")
     return model, json.loads(result.stdout)
 
 
@@ -43,14 +33,14 @@ def test_repurpose_writes_a_safe_model_folder(trained):
 
 def test_existing_output_needs_force(trained, split_folder):
     model, _ = trained
-    result = run("repurpose", split_folder, "-o", model, *TINY, code=2)
+    result = run_cli("repurpose", split_folder, "-o", model, *TINY, code=2)
     assert "already exists" in result.stderr and "--force" in result.stderr
-    run("repurpose", split_folder, "-o", model, *TINY, "--force", "--json")
+    run_cli("repurpose", split_folder, "-o", model, *TINY, "--force", "--json")
 
 
 def test_evaluate_reports_metrics_and_plots(trained, split_folder, tmp_path):
     model, _ = trained
-    report = json.loads(run("evaluate", model, split_folder / "test", "--json",
+    report = json.loads(run_cli("evaluate", model, split_folder / "test", "--json",
                             "--plots", tmp_path / "plots").stdout)
     for key in ("accuracy", "macro_f1", "nll", "ece", "brier", "top2_accuracy"):
         assert 0.0 <= report["metrics"][key] <= (1.0 if key != "nll" else 50.0)
@@ -63,19 +53,19 @@ def test_evaluate_reports_metrics_and_plots(trained, split_folder, tmp_path):
 
 def test_evaluate_defaults_to_the_data_test_folder(trained):
     model, _ = trained
-    table = run("evaluate", model).stdout
+    table = run_cli("evaluate", model).stdout
     assert "accuracy" in table and "confusion matrix" in table
 
 
 def test_evaluate_accuracy_gate(trained, split_folder):
     model, _ = trained
-    run("evaluate", model, split_folder / "test", "--min-accuracy", "1.01", code=1)
+    run_cli("evaluate", model, split_folder / "test", "--min-accuracy", "1.01", code=1)
 
 
 def test_predict_labels_images_and_skips_bad_ones(trained, split_folder, tmp_path):
     model, _ = trained
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    out = json.loads(run("predict", model, split_folder / "test" / "red", tmp_path / "broken.jpg",
+    out = json.loads(run_cli("predict", model, split_folder / "test" / "red", tmp_path / "broken.jpg",
                          "--json", "--top-k", "2", "--csv", tmp_path / "p.csv").stdout)
     assert len(out["predictions"]) == 5 and len(out["skipped"]) == 1
     first = out["predictions"][0]
@@ -86,16 +76,16 @@ def test_predict_labels_images_and_skips_bad_ones(trained, split_folder, tmp_pat
 
 
 def test_extract_writes_features(image_folder, tmp_path):
-    summary = json.loads(run("extract", image_folder, "-o", tmp_path / "f.safetensors", *TINY,
+    summary = json.loads(run_cli("extract", image_folder, "-o", tmp_path / "f.safetensors", *TINY,
                              "--json").stdout)
     tensors = load_file(tmp_path / "f.safetensors")
     assert tensors["features"].shape == (30, summary["dim"]) and tensors["labels"].shape == (30,)
 
 
 def test_backbones_lists_names_and_layers():
-    assert "resnet18" in run("backbones", "resnet1").stdout.split()
-    assert "tv:resnet18" in json.loads(run("backbones", "resnet18", "--json").stdout)
-    assert "layer2" in run("backbones", TINY_BACKBONE, "--layers").stdout.split()
+    assert "resnet18" in run_cli("backbones", "resnet1").stdout.split()
+    assert "tv:resnet18" in json.loads(run_cli("backbones", "resnet18", "--json").stdout)
+    assert "layer2" in run_cli("backbones", TINY_BACKBONE, "--layers").stdout.split()
 
 
 def _one_class(tmp_path):
@@ -124,7 +114,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(image_folder, tmp_path, case, me
         "cuda": ["repurpose", image_folder, *TINY, "--device", "cuda"],
         "bad_option": ["repurpose", image_folder, *TINY, "--epochs", "3"],
     }[case]
-    result = run(*args, "-o", tmp_path / "out", code=2)
+    result = run_cli(*args, "-o", tmp_path / "out", code=2)
     assert message in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
@@ -133,5 +123,5 @@ def test_evaluate_refuses_classes_the_model_never_saw(trained, tmp_path):
     model, _ = trained
     other = write_image_folder(tmp_path / "other", per_class=2)
     (other / "red").rename(other / "purple")
-    result = run("evaluate", model, other, code=2)
+    result = run_cli("evaluate", model, other, code=2)
     assert "purple" in result.stderr and "not known to the model" in result.stderr

@@ -3,26 +3,17 @@
 import json
 
 import numpy as np
-from conftest import TINY_BACKBONE, write_image_folder
-from typer.testing import CliRunner
+from conftest import TINY_BACKBONE, run_cli, write_image_folder
 
 from xferkit import pipeline
-from xferkit.cli import app
 from xferkit.compare import COLUMNS, Comparison, HeadResult, parse_head_settings, per_class_subset
 from xferkit.data import read_image_folder
 from xferkit.heads import get_head_class, head_names
 
-runner = CliRunner()
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0"]
 #: Small budgets for every head that trains for epochs (pixel heads, gp, bnn).
 BUDGET = ["--epochs", "1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
 
 
 def test_compare_every_head_with_one_failing(tmp_path, monkeypatch):
@@ -35,7 +26,7 @@ def test_compare_every_head_with_one_failing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(get_head_class(victim), "fit", out_of_memory)
     out = tmp_path / "cmp"
-    report = json.loads(run("compare", data, "-o", out, *TINY, *BUDGET, "--heads", ",".join(heads),
+    report = json.loads(run_cli("compare", data, "-o", out, *TINY, *BUDGET, "--heads", ",".join(heads),
                             "--learning-curve", "--json").stdout)
 
     rows = {row["head"]: row for row in report["heads"]}
@@ -67,12 +58,12 @@ def test_compare_every_head_with_one_failing(tmp_path, monkeypatch):
         assert str(out / plot) in report["plots"]
     assert json.loads((out / "report.json").read_text()) == report
 
-    again = run("compare", data, "-o", out, *TINY, "--heads", "lr", code=2)
+    again = run_cli("compare", data, "-o", out, *TINY, "--heads", "lr", code=2)
     assert "already holds a comparison" in again.output
 
 
 def test_compare_uses_the_datas_own_test_split(split_folder, tmp_path):
-    report = json.loads(run("compare", split_folder, "-o", tmp_path / "cmp", *TINY, "--heads", "lr",
+    report = json.loads(run_cli("compare", split_folder, "-o", tmp_path / "cmp", *TINY, "--heads", "lr",
                             "--json").stdout)
     assert report["test_source"] == str(split_folder / "test") and report["split"]["test"] == 15
     assert not (tmp_path / "cmp" / "test.csv").exists()
@@ -97,5 +88,5 @@ def test_head_settings_take_the_parameters_type():
     assert parse_head_settings(["lr.C=0.5", "lr.max_iter=50"]) == {"lr": {"C": 0.5, "max_iter": 50}}
     for bad, message in [("lr.C", "HEAD.PARAM=VALUE"), ("lr.nope=1", "no parameter"),
                          ("lr.max_iter=many", "not a valid int")]:
-        result = run("compare", ".", "--set", bad, code=2)
+        result = run_cli("compare", ".", "--set", bad, code=2)
         assert message in result.output

@@ -5,11 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, separable_features
+from conftest import TINY_BACKBONE, run_cli, separable_features
 from torch.distributions import Normal, kl_divergence
-from typer.testing import CliRunner
 
-from xferkit.cli import app
 from xferkit.errors import XferkitError
 from xferkit.heads import Head, create_head
 from xferkit.heads.bnn import gaussian_kl
@@ -88,12 +86,8 @@ def test_bad_hyper_parameters_are_clear_errors(params, message):
 
 
 def test_cli_repurpose_and_evaluate(image_folder, tmp_path):
-    runner = CliRunner()
-
     def run(*args):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output + repr(result.exception)
-        return json.loads(result.stdout)
+        return json.loads(run_cli(*args).stdout)
 
     summary = run("repurpose", image_folder, "--backbone", TINY_BACKBONE, "--no-pretrained",
                   "--image-size", "32", "--head", "bnn", "--hidden", "8", "--mc-samples", "4",

@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, separable_features
-from typer.testing import CliRunner
+from conftest import TINY_BACKBONE, run_cli, separable_features
 
-from xferkit.cli import app
 from xferkit.errors import XferkitError
 from xferkit.heads import Head, create_head
 from xferkit.heads.gp import WINDOW
@@ -144,12 +142,8 @@ def test_bad_hyper_parameters_are_clear_errors(params, message):
 
 
 def test_cli_repurpose_and_evaluate(image_folder, tmp_path):
-    runner = CliRunner()
-
     def run(*args):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output + repr(result.exception)
-        return json.loads(result.stdout)
+        return json.loads(run_cli(*args).stdout)
 
     summary = run("repurpose", image_folder, "--backbone", TINY_BACKBONE, "--no-pretrained",
                   "--image-size", "32", "--head", "gp", "--gp-method", "exact", "--epochs", "10",

@@ -4,15 +4,12 @@ import csv
 import json
 
 import pytest
-from conftest import TINY_BACKBONE, write_image_folder
-from typer.testing import CliRunner
+from conftest import TINY_BACKBONE, run_cli, write_image_folder
 
 from xferkit import pipeline
-from xferkit.cli import app
 from xferkit.errors import XferkitError
 from xferkit.tune import TrialRecord, best_record, open_study, run_trials, trial_records
 
-runner = CliRunner()
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0"]
 
 
@@ -66,16 +63,10 @@ def test_best_trial_breaks_nll_ties_by_accuracy():
     assert best_record(records).number == 1
 
 
-def run(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
-
-
 def test_tune_cli_saves_trials_plot_and_the_refitted_best_model(tmp_path):
     data = write_image_folder(tmp_path / "data", per_class=10)
     out = tmp_path / "tuned"
-    report = json.loads(run("tune", data, "--head", "lr", "--trials", "3", "-o", out, *TINY,
+    report = json.loads(run_cli("tune", data, "--head", "lr", "--trials", "3", "-o", out, *TINY,
                             "--json").stdout)
     assert [t["number"] for t in report["trials"]] == [0, 1, 2]
     assert report["best"]["val_nll"] == min(t["val_nll"] for t in report["trials"])
@@ -90,6 +81,6 @@ def test_tune_cli_saves_trials_plot_and_the_refitted_best_model(tmp_path):
                                       options=pipeline.ExtractOptions(workers=0, progress=False))
     assert predictions[0].label == "blue"
 
-    resumed = json.loads(run("tune", data, "--head", "lr", "--trials", "4", "-o", out, *TINY,
+    resumed = json.loads(run_cli("tune", data, "--head", "lr", "--trials", "4", "-o", out, *TINY,
                              "--json").stdout)
     assert resumed["trials"][:3] == report["trials"] and len(resumed["trials"]) == 4
