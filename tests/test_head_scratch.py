@@ -8,11 +8,13 @@ import pytest
 from conftest import TINY_BACKBONE, write_image_folder
 from safetensors.torch import load_file
 
+from xferkit import training
 from xferkit.backbones import create_backbone
 from xferkit.errors import XferkitError
 from xferkit.heads.scratch import ScratchHead
 from xferkit.model import TransferModel
 from xferkit.pipeline import BackboneOptions, ExtractOptions, evaluate, repurpose
+from xferkit.training import training_batch_size
 
 QUIET = ExtractOptions(batch_size=8, progress=False)
 
@@ -90,3 +92,32 @@ def test_arch_trains_another_timm_architecture(image_folder):
 def test_bad_hyper_parameters_are_clear_errors(image_folder, params, message):
     with pytest.raises(XferkitError, match=message):
         untrained(image_folder, **params)
+
+
+@pytest.mark.parametrize("n, asked, used", [(320, 64, 32), (30, 64, 8), (100_000, 64, 64), (320, 16, 16)])
+def test_small_data_trains_in_smaller_batches_for_enough_steps(n, asked, used):
+    assert training_batch_size(n, asked) == used
+
+
+def test_training_uses_the_smaller_batch(image_folder):
+    paths = sorted(image_folder.rglob("*.png"))
+    y = np.array([p.parent.name for p in paths])
+    head = ScratchHead(epochs=1).attach(create_backbone(TINY_BACKBONE, pretrained=False), batch_size=64,
+                                        progress=False)
+    assert head.fit(paths, y).history_["batch_size"] == 8  # 30 images: 3 steps, not one batch of 30
+
+
+def test_early_stopping_ignores_the_first_half_of_the_schedule(image_folder, monkeypatch):
+    """A from-scratch run whose untrained first epoch has the lowest validation loss keeps training.
+
+    Keeping that epoch, or stopping on it, handed back a network at chance.
+    """
+    losses = iter([0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])  # epoch 1 looks best, then it only gets worse
+    monkeypatch.setattr(training, "validate", lambda *args: (next(losses), 0.5))
+    paths = sorted(image_folder.rglob("*.png"))
+    y = np.array([p.parent.name for p in paths])
+    head = ScratchHead(epochs=8, patience=1).attach(create_backbone(TINY_BACKBONE, pretrained=False),
+                                                    batch_size=8, progress=False)
+    history = head.fit(paths, y, paths, y).history_
+    assert history["best_epoch"] == 5  # the first epoch of the second half of the schedule
+    assert history["epochs_run"] == 6 and history["stopped"] == "patience"
