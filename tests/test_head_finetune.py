@@ -167,7 +167,7 @@ def test_cli_repurpose_evaluate_predict(image_folder, tmp_path):
     summary = run("repurpose", image_folder, "-o", model, "--backbone", TINY_BACKBONE, "--no-pretrained",
                   "--image-size", "32", "--head", "finetune", "--epochs", "1", "--lr", "0.01",
                   "--batch-size", "8", "--json")
-    assert summary["head"] == "finetune" and summary["head_params"]["unfreeze"] == "1"
+    assert summary["head"] == "finetune" and summary["head_params"]["unfreeze"] == "all"
     report = run("evaluate", model, image_folder, "--json")
     assert report["metrics"]["n"] == 30 and 0.0 <= report["metrics"]["accuracy"] <= 1.0
     predictions = run("predict", model, image_folder / "red", "--json")["predictions"]

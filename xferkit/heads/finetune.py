@@ -18,14 +18,15 @@ class FinetuneHead(ImageHead):
     """Train the last ``unfreeze`` backbone blocks and a new linear classifier on augmented pixels.
 
     ``unfreeze``: "0" trains only the classifier (on live features), an integer K the last K
-    blocks (see :func:`backbone_blocks`), "all" everything. The backbone trains at
+    blocks (see :func:`backbone_blocks`), "all" everything (the default: the most accurate, and
+    the slowest; "1" trains a fraction of the work). The backbone trains at
     ``lr * backbone_lr_mult``. ``random_freeze=P`` additionally keeps a random fraction P of each
     trained backbone tensor fixed (xfer's random-freeze). Only what can change is saved.
     """
 
     name = "finetune"
 
-    def __init__(self, unfreeze: str = "1", lr: float = 1e-3, backbone_lr_mult: float = 0.1,
+    def __init__(self, unfreeze: str = "all", lr: float = 3e-3, backbone_lr_mult: float = 0.3,
                  weight_decay: float = 0.01, epochs: int = 10, label_smoothing: float = 0.0,
                  random_freeze: float | None = None, max_time: float | None = None, patience: int = 3,
                  seed: int = 0):
