@@ -5,8 +5,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_BACKBONE, write_image_folder
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from xferkit import training
 from xferkit.backbones import create_backbone
@@ -97,6 +99,15 @@ def test_bad_hyper_parameters_are_clear_errors(image_folder, params, message):
 @pytest.mark.parametrize("n, asked, used", [(320, 64, 32), (30, 64, 8), (100_000, 64, 64), (320, 16, 16)])
 def test_small_data_trains_in_smaller_batches_for_enough_steps(n, asked, used):
     assert training_batch_size(n, asked) == used
+
+
+def test_small_validation_sets_are_decoded_once(image_folder, monkeypatch):
+    paths = sorted(image_folder.rglob("*.png"))
+    preprocess = create_backbone(TINY_BACKBONE, pretrained=False).preprocess
+    kept = training.validation_batches(paths, preprocess, torch.device("cpu"), 8, 0)
+    assert isinstance(kept, list) and sum(len(index) for index, _, _ in kept) == len(paths)
+    monkeypatch.setattr(training, "VALIDATION_IN_MEMORY", 1000)  # less than 30 images of 32 x 32
+    assert isinstance(training.validation_batches(paths, preprocess, torch.device("cpu"), 8, 0), DataLoader)
 
 
 def test_training_uses_the_smaller_batch(image_folder):

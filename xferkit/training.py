@@ -36,6 +36,8 @@ ESTIMATE_AFTER = 5
 MIN_STEPS = 10
 #: Smallest training batch (batch-norm statistics of fewer images are too noisy).
 MIN_TRAIN_BATCH = 8
+#: Bytes of decoded validation images kept in memory for the whole run (larger sets are re-read).
+VALIDATION_IN_MEMORY = 512 * 2**20
 
 
 class ImageClassifier(nn.Module):
@@ -113,6 +115,14 @@ def train_loader(paths: list[Path], preprocess: Preprocess, device: torch.device
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
+def validation_batches(paths: list[Path], preprocess: Preprocess, device: torch.device, batch_size: int,
+                       workers: int | None) -> Iterable:
+    """Validation batches, decoded once and kept when small (no worker start-up and decoding each epoch)."""
+    loader = image_loader(paths, preprocess, device, batch_size, workers)
+    small = len(paths) * 3 * math.prod(preprocess.input_size) <= VALIDATION_IN_MEMORY
+    return list(loader) if small else loader
+
+
 def readable_images(paths: list[Path], preprocess: Preprocess, device: str = "auto",
                     batch_size: int = 64, workers: int | None = None, strict: bool = False,
                     progress: bool = True) -> tuple[np.ndarray, list[tuple[Path, str]]]:
@@ -175,7 +185,7 @@ class Budget:
 
 
 def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLoader,
-                     labels: torch.Tensor, val: DataLoader | None, val_labels: torch.Tensor | None,
+                     labels: torch.Tensor, val: Iterable | None, val_labels: torch.Tensor | None,
                      normalize: Normalizer, budget: Budget, description: str = "training",
                      progress: bool = True,
                      optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
@@ -240,7 +250,7 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
 
 
 @torch.no_grad()
-def validate(network: nn.Module, loader: DataLoader, labels: torch.Tensor, normalize: Normalizer
+def validate(network: nn.Module, loader: Iterable, labels: torch.Tensor, normalize: Normalizer
              ) -> tuple[float, float]:
     """Mean negative log-likelihood (no smoothing) and accuracy on the evaluation transform."""
     network.eval()
@@ -324,8 +334,8 @@ class ImageHead(Head):
                              self.seed)
         val = val_labels = None
         if X_val is not None and len(X_val):
-            val = image_loader([Path(p) for p in X_val], preprocess, device, options["batch_size"],
-                               options["workers"])
+            val = validation_batches([Path(p) for p in X_val], preprocess, device, options["batch_size"],
+                                     options["workers"])
             val_labels = self._encode(y_val)
         budget = Budget(self.epochs, self.patience, self.max_time, self.label_smoothing)
         self.history_ = train_classifier(network, groups, train, self._encode(y), val, val_labels,

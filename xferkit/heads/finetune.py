@@ -44,7 +44,7 @@ class FinetuneHead(ImageHead):
     @classmethod
     def search_space(cls, trial) -> dict:
         return {"lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-                "unfreeze": trial.suggest_categorical("unfreeze", ["0", "1", "2"]),
+                "unfreeze": trial.suggest_categorical("unfreeze", ["0", "1", "2", "all"]),
                 "backbone_lr_mult": trial.suggest_float("backbone_lr_mult", 0.01, 1.0, log=True),
                 "weight_decay": trial.suggest_float("weight_decay", 1e-4, 0.1, log=True),
                 "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2)}
