@@ -74,8 +74,13 @@ def test_both_solvers_give_the_same_head():
                                atol=0.02)
 
 
-def test_auto_picks_torch_for_large_problems_and_round_trips(tmp_path):
+def test_auto_picks_torch_for_large_problems_and_round_trips(tmp_path, monkeypatch):
+    import xferkit.heads.lr as lr_module
+
     X, y = correlated_features(n=3000, dim=64, n_classes=4)
+    monkeypatch.setattr(lr_module, "TORCH_MIN_WORK", X.size * 4 + 1)
+    assert create_head("lr", C=1.0).fit(X, y).solver_ == "sklearn"
+    monkeypatch.setattr(lr_module, "TORCH_MIN_WORK", X.size * 4)
     head = create_head("lr", C=1.0).fit(X, y)
     assert head.solver_ == "torch"
     head.save(tmp_path / "h")
