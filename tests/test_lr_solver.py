@@ -91,3 +91,20 @@ def test_unknown_solver_is_a_clear_error():
     X, y = correlated_features(n=60)
     with pytest.raises(XferkitError, match="unknown solver"):
         create_head("lr", solver="newton").fit(X, y)
+
+
+def test_solver_stops_cleanly_when_no_step_decreases_any_loss(monkeypatch):
+    """A line search that fails for every problem at once ends the solve (it used to crash)."""
+    import xferkit.heads.lr as lr_module
+
+    real = lr_module._armijo
+
+    def failing(problems, W, f, direction, slope, lam, tries=30):
+        ok, W_ok, P_ok, f_ok = real(problems, W, f, direction, slope, lam, tries)
+        none = torch.zeros_like(ok)
+        return none, W_ok[:0], P_ok[:, :0], f_ok[:0]
+
+    monkeypatch.setattr(lr_module, "_armijo", failing)
+    X, y = correlated_features(n=60)
+    head = create_head("lr", solver="torch", C=1.0).fit(X, y)
+    assert head.n_iter_ == 1 and np.isfinite(head.predict_proba(X)).all()

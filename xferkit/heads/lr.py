@@ -207,6 +207,8 @@ def lbfgs_multinomial(X: torch.Tensor, y: torch.Tensor, n_classes: int, Cs: list
         ok, W_ok, P_ok, f_ok = _armijo(problems, W[idx], f[idx], direction, slope, lam[idx])
         active[idx[~ok]] = False  # no step decreased the loss: as good as float32 allows
         idx = idx[ok]
+        if not len(idx):
+            break
         g_ok = problems.grad(W_ok, P_ok, lam[idx])
         pair = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros(b, device=dev))
         pair[0][idx], pair[1][idx] = W_ok - W[idx], g_ok - g[idx]
