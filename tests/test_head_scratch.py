@@ -96,7 +96,7 @@ def test_bad_hyper_parameters_are_clear_errors(image_folder, params, message):
         untrained(image_folder, **params)
 
 
-@pytest.mark.parametrize("n, asked, used", [(320, 64, 32), (30, 64, 8), (100_000, 64, 64), (320, 16, 16)])
+@pytest.mark.parametrize("n, asked, used", [(400, 64, 33), (30, 64, 8), (100_000, 64, 64), (400, 16, 16)])
 def test_small_data_trains_in_smaller_batches_for_enough_steps(n, asked, used):
     assert training_batch_size(n, asked) == used
 

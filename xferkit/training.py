@@ -33,7 +33,7 @@ from xferkit.progress import console, progress_bar
 #: Batches timed in the first epoch before the time-per-epoch estimate is printed.
 ESTIMATE_AFTER = 5
 #: Optimiser steps an epoch aims for: small data trains in smaller batches, not in fewer steps.
-MIN_STEPS = 10
+MIN_STEPS = 12
 #: Smallest training batch (batch-norm statistics of fewer images are too noisy).
 MIN_TRAIN_BATCH = 8
 #: Bytes of decoded validation images kept in memory for the whole run (larger sets are re-read).

@@ -16,6 +16,9 @@ class ScratchHead(ImageHead):
 
     No pretrained weight is ever used: its accuracy is what transfer is measured against.
     Preprocessing (input size, mean, std) still comes from ``--backbone`` and ``--image-size``.
+    Some architectures learn slowly from scratch on small images and little data (MobileNetV2 on
+    400 digits at 32 px: ~0.4 accuracy in 30 epochs, resnet10t ~0.9): ``arch="resnet10t"`` is then
+    the fairer baseline.
     """
 
     name = "scratch"
