@@ -203,10 +203,8 @@ def extract_features(backbone: Backbone, paths: list[Path], device: str = "auto"
                         {keys[i]: msg for i, msg in new_failures.items()})
         failed.update(new_failures)
     skipped = [(paths[i], failed[i]) for i in sorted(failed)]
-    if strict and skipped:
-        path, msg = skipped[0]
-        raise XferkitError(f"cannot read {path}: {msg} ({len(skipped)} unreadable file(s) in all; "
-                           "remove them, or drop --strict to skip them).")
+    if strict:
+        refuse_skipped(skipped)
     kept = np.array([i for i in range(len(paths)) if i not in failed], dtype=np.int64)
     return Features(out[kept], kept, skipped)
 
@@ -306,3 +304,11 @@ def _store(index: torch.Tensor, host: torch.Tensor, event: torch.cuda.Event | No
 def _extractor_key(backbone: Backbone) -> dict:
     return {"name": backbone.name, "digest": backbone.weights_digest, "layer": backbone.layer,
             "preprocess": backbone.preprocess.to_json()}
+
+
+def refuse_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """``--strict``: the first unreadable file becomes an error instead of a counted skip."""
+    if skipped:
+        path, msg = skipped[0]
+        raise XferkitError(f"cannot read {path}: {msg} ({len(skipped)} unreadable file(s) in all; "
+                           "remove them, or drop --strict to skip them).")

@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from xferkit.backbones import Backbone, Preprocess
 from xferkit.devices import default_workers, resolve_device
 from xferkit.errors import XferkitError
-from xferkit.features import Features, Normalizer, collate_images, extract_features, image_loader
+from xferkit.features import (
+    Features,
+    Normalizer,
+    collate_images,
+    extract_features,
+    image_loader,
+    refuse_skipped,
+)
 from xferkit.heads.base import Head, check_positive
 from xferkit.images import UnreadableImage, load_rgb
 from xferkit.progress import console, progress_bar
@@ -134,10 +141,8 @@ def readable_images(paths: list[Path], preprocess: Preprocess, device: str = "au
             failures.update(failed)
             advance(len(index) + len(failed))
     skipped = [(paths[i], failures[i]) for i in sorted(failures)]
-    if strict and skipped:
-        path, msg = skipped[0]
-        raise XferkitError(f"cannot read {path}: {msg} ({len(skipped)} unreadable file(s) in all; "
-                           "remove them, or drop --strict to skip them).")
+    if strict:
+        refuse_skipped(skipped)
     return np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64), skipped
 
 
