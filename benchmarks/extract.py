@@ -31,8 +31,9 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from xferkit.backbones import create_backbone
-from xferkit.devices import available_cores, resolve_device
-from xferkit.features import extract_features, inference_context, inference_model
+from xferkit.core.devices import available_cores, resolve_device
+from xferkit.features import extract_features
+from xferkit.features.extract import inference_context, inference_model
 
 #: (width, height) of the generated photos, cycled: 0.3 to 12 megapixels, some portrait.
 MIXED_SIZES = ((640, 480), (1024, 768), (1600, 1200), (480, 640), (2048, 1536), (3264, 2448),
@@ -163,7 +164,7 @@ def time_xferkit(backbone, paths: list[Path], device: str, batch_size: int, work
                  decode: str = "auto") -> float:
     start = time.perf_counter()
     feats = extract_features(backbone, paths, device=device, batch_size=batch_size, workers=workers,
-                             cache_dir=False, progress=False, decode=decode)
+                             cache=False, decode=decode)
     elapsed = time.perf_counter() - start
     assert len(feats.kept) == len(paths), feats.skipped[:3]
     return len(paths) / elapsed

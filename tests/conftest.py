@@ -16,12 +16,20 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory, monkeypatch):
-    """Each test gets its own feature cache and never touches the network or the real caches."""
+    """Each test gets its own feature cache and never touches the network or the real caches.
+
+    huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported, so its constants are
+    set too (a subprocess test checks the environment variables themselves).
+    """
+    from huggingface_hub import constants
+
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("XFERKIT_CACHE", str(home / "xferkit-cache"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 def write_image_folder(root: Path, per_class: int, seed: int = 0, size: int = 32,

@@ -47,7 +47,9 @@ def test_heads_benchmark_compares_with_scikit_learn(bench, tmp_path, capsys):
                        "--json", str(tmp_path / "heads.json")])
     fits = [r["fit"] for r in rows]
     assert sum("scikit-learn" in f for f in fits) == 3 and sum("xferkit" in f for f in fits) == 2
-    assert all(0 <= r["test_accuracy"] <= 1 and r["objective_gap"] >= 0 for r in rows)
+    assert all(r["test_accuracy"] > 0.5 for r in rows)  # separable enough that every fit learns
+    assert [r["objective_gap"] is None for r in rows] == ["refitted" in f for f in fits]
+    assert all(r["objective_gap"] >= 0 for r in rows if r["objective_gap"] is not None)
     assert min(r["objective_gap"] for r in rows if r["C"] == 1.0) == 0
     assert json.loads((tmp_path / "heads.json").read_text()) == rows
     assert "| 300x32, 3 classes |" in capsys.readouterr().out

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import write_image_folder
 
-from xferkit.data import expand_image_paths, load_splits, read_csv, read_image_folder
-from xferkit.errors import XferkitError
+from xferkit.core.errors import XferkitError
+from xferkit.io.data import expand_image_paths, load_splits, read_csv, read_image_folder
 
 
 def test_image_folder_classes_sorted_and_labelled(image_folder):

@@ -11,10 +11,11 @@ from conftest import TINY_BACKBONE
 from PIL import Image, ImageOps
 
 from xferkit.backbones import create_backbone
-from xferkit.errors import XferkitError
-from xferkit.features import extract_features, image_to_tensor
-from xferkit.gpu_decode import orient, resize_crop
-from xferkit.images import read_jpeg
+from xferkit.core.errors import XferkitError
+from xferkit.features import extract_features
+from xferkit.io.images import read_jpeg
+from xferkit.io.jpeg_device import orient
+from xferkit.preprocess import image_to_tensor, resize_crop
 
 
 def _photo(path, size=(90, 60), orientation=1, seed=0, **save):
@@ -70,7 +71,7 @@ def _mixed_folder(tmp_path):
 
 def _compare_decoders(paths, device: str):
     backbone = create_backbone(TINY_BACKBONE, pretrained=False)
-    options = {"device": device, "cache_dir": False, "progress": False, "workers": 0}
+    options = {"device": device, "cache": False, "workers": 0}
     workers = extract_features(backbone, paths, decode="workers", **options)
     on_device = extract_features(backbone, paths, decode="device", **options)
     np.testing.assert_array_equal(workers.kept, on_device.kept)
@@ -88,7 +89,7 @@ def test_device_decoding_gives_the_same_features_and_skips(tmp_path):
 def test_unknown_decode_is_an_error(image_folder):
     backbone = create_backbone(TINY_BACKBONE, pretrained=False)
     with pytest.raises(XferkitError, match="unknown decode"):
-        extract_features(backbone, sorted(image_folder.rglob("*.png")), decode="gpu", cache_dir=False)
+        extract_features(backbone, sorted(image_folder.rglob("*.png")), decode="gpu", cache=False)
 
 
 @pytest.mark.gpu

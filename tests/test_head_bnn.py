@@ -1,15 +1,13 @@
 """The Bayesian NN head: variational inference learns, averages over weights, knows what it has not seen."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, run_cli, separable_features
+from conftest import separable_features
 from torch.distributions import Normal, kl_divergence
 
-from xferkit.errors import XferkitError
-from xferkit.heads import Head, create_head
+from xferkit.core.errors import InvalidParameter
+from xferkit.heads import BNNHead, FeatureHead
 from xferkit.heads.bnn import gaussian_kl
 
 
@@ -27,7 +25,7 @@ def far_from_the_data(n: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def linear():
     X, y, X_test, y_test = split()
-    return create_head("bnn", epochs=100, lr=0.05).fit(X, y, X_test, y_test), X_test, y_test
+    return BNNHead(epochs=100, lr=0.05, random_state=0).fit(X, y), X_test, y_test
 
 
 def test_closed_form_kl_matches_torch():
@@ -39,7 +37,7 @@ def test_closed_form_kl_matches_torch():
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_learns_separable_data_with_valid_probabilities(hidden, linear):
     X, y, X_test, y_test = split()
-    head = linear[0] if hidden == 0 else create_head("bnn", hidden=hidden, epochs=100, lr=0.05).fit(X, y)
+    head = linear[0] if hidden == 0 else BNNHead(hidden, epochs=100, lr=0.05, random_state=0).fit(X, y)
     proba = head.predict_proba(X_test)
     assert len(head.net_.layers) == (2 if hidden else 1) and head.score(X_test, y_test) >= 0.95
     assert proba.shape == (len(X_test), 3) and np.all((proba >= 0) & (proba <= 1))
@@ -57,7 +55,7 @@ def test_posterior_is_a_distribution_not_a_point(linear):
 def test_save_load_gives_identical_predictions(linear, tmp_path):
     head, X_test, _ = linear
     head.save(tmp_path / "head")
-    loaded = Head.load(tmp_path / "head")
+    loaded = FeatureHead.load(tmp_path / "head")
     assert type(loaded) is type(head)
     np.testing.assert_array_equal(loaded.predict_proba(X_test), head.predict_proba(X_test))
     np.testing.assert_array_equal(loaded.uncertainty(X_test)["mutual_information"],
@@ -74,24 +72,20 @@ def test_epistemic_uncertainty_grows_away_from_the_training_data(linear):
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"lr": -0.1}, "lr must be positive"),
-    ({"prior_std": 0}, "prior_std must be positive"),
-    ({"mc_samples": 0}, "mc_samples must be positive"),
-    ({"hidden": -1}, "hidden must be 0"),
+    ({"lr": -0.1}, "'lr' parameter of BNNHead must be a float in the range"),
+    ({"prior_std": 0}, "'prior_std' parameter of BNNHead must be a float in the range"),
+    ({"mc_samples": 0}, "'mc_samples' parameter of BNNHead must be an int in the range"),
+    ({"hidden": -1}, "'hidden' parameter of BNNHead must be an int in the range"),
 ])
 def test_bad_hyper_parameters_are_clear_errors(params, message):
     X, y, _, _ = split()
-    with pytest.raises(XferkitError, match=message):
-        create_head("bnn", **params).fit(X, y)
+    with pytest.raises(InvalidParameter, match=message):
+        BNNHead(**params).fit(X, y)
 
 
-def test_cli_repurpose_and_evaluate(image_folder, tmp_path):
-    def run(*args):
-        return json.loads(run_cli(*args).stdout)
-
-    summary = run("repurpose", image_folder, "--backbone", TINY_BACKBONE, "--no-pretrained",
-                  "--image-size", "32", "--head", "bnn", "--hidden", "8", "--mc-samples", "4",
-                  "--epochs", "10", "-o", tmp_path / "bnn", "--json")
-    assert summary["head"] == "bnn" and summary["head_params"]["mc_samples"] == 4
-    report = run("evaluate", tmp_path / "bnn", image_folder, "--json")
-    assert report["metrics"]["n"] == 30 and 0.0 <= report["metrics"]["accuracy"] <= 1.0
+def test_predictions_are_deterministic_and_do_not_depend_on_the_other_rows(linear):
+    head, X_test, _ = linear
+    whole = head.predict_proba(X_test)
+    np.testing.assert_allclose(np.vstack([head.predict_proba(X_test[i:i + 1]) for i in range(5)]), whole[:5],
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(head.predict_proba(X_test), whole)

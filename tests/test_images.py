@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xferkit.images import UnreadableImage, load_rgb
+from xferkit.io.images import UnreadableImage, load_rgb
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "LA", "1"])

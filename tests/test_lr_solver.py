@@ -6,9 +6,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from xferkit.errors import XferkitError
-from xferkit.heads import Head, create_head
-from xferkit.heads.lr import lbfgs_multinomial
+from xferkit.core.errors import InvalidParameter
+from xferkit.heads import FeatureHead, LogisticHead
+from xferkit.heads._lbfgs import lbfgs_multinomial
 
 
 def correlated_features(n=600, dim=40, n_classes=3, seed=0):
@@ -57,17 +57,18 @@ def test_scikit_learns_default_tolerance_stops_short_and_the_head_does_not():
     f_best = objective(X, y, *symmetric(LogisticRegression(C=10.0, tol=1e-10, max_iter=10000).fit(X, y)),
                        10.0)
     loose = LogisticRegression(C=10.0, max_iter=1000).fit(X, y)  # what the head used to run
-    head = create_head("lr", C=10.0, solver="torch").fit(X, y)
+    head = LogisticHead(C=10.0, solver="torch").fit(X, y)
     assert objective(X, y, *symmetric(loose), 10.0) - f_best > 1e-5
-    assert objective(head.scaler_.transform(X), y, head.coef_, head.intercept_, 10.0) - f_best < 1e-5
+    assert objective((X - head.mean_) / head.scale_, y, head.coef_, head.intercept_, 10.0) - f_best < 1e-5
 
 
-def test_both_solvers_give_the_same_head():
-    X, y = correlated_features(n=900, seed=2)
-    heads = {s: create_head("lr", solver=s).fit(X[:600], y[:600], X[600:], y[600:])
-             for s in ("torch", "sklearn")}
+@pytest.mark.parametrize("n_classes", [3, 2])
+def test_both_solvers_give_the_same_head(n_classes):
+    X, y = correlated_features(n=900, n_classes=n_classes, seed=2)
+    heads = {s: LogisticHead(solver=s, random_state=0).fit(X[:600], y[:600]) for s in ("torch", "sklearn")}
     assert heads["torch"].C_ == heads["sklearn"].C_
     assert heads["torch"].solver_ == "torch" and heads["sklearn"].solver_ == "sklearn"
+    assert heads["torch"].coef_.shape == heads["sklearn"].coef_.shape == (1 if n_classes == 2 else 3, 40)
     agree = np.mean(heads["torch"].predict(X[600:]) == heads["sklearn"].predict(X[600:]))
     assert agree > 0.99
     np.testing.assert_allclose(heads["torch"].predict_proba(X[600:]), heads["sklearn"].predict_proba(X[600:]),
@@ -79,32 +80,32 @@ def test_auto_picks_torch_for_large_problems_and_round_trips(tmp_path, monkeypat
 
     X, y = correlated_features(n=3000, dim=64, n_classes=4)
     monkeypatch.setattr(lr_module, "TORCH_MIN_WORK", X.size * 4 + 1)
-    assert create_head("lr", C=1.0).fit(X, y).solver_ == "sklearn"
+    assert LogisticHead(C=1.0).fit(X, y).solver_ == "sklearn"
     monkeypatch.setattr(lr_module, "TORCH_MIN_WORK", X.size * 4)
-    head = create_head("lr", C=1.0).fit(X, y)
+    head = LogisticHead(C=1.0).fit(X, y)
     assert head.solver_ == "torch"
     head.save(tmp_path / "h")
-    np.testing.assert_array_equal(Head.load(tmp_path / "h").predict_proba(X), head.predict_proba(X))
+    np.testing.assert_array_equal(FeatureHead.load(tmp_path / "h").predict_proba(X), head.predict_proba(X))
 
 
 def test_unknown_solver_is_a_clear_error():
     X, y = correlated_features(n=60)
-    with pytest.raises(XferkitError, match="unknown solver"):
-        create_head("lr", solver="newton").fit(X, y)
+    with pytest.raises(InvalidParameter, match="'solver' parameter of LogisticHead must be a str among"):
+        LogisticHead(solver="newton").fit(X, y)
 
 
 def test_solver_stops_cleanly_when_no_step_decreases_any_loss(monkeypatch):
     """A line search that fails for every problem at once ends the solve (it used to crash)."""
-    import xferkit.heads.lr as lr_module
+    import xferkit.heads._lbfgs as lbfgs_module
 
-    real = lr_module._armijo
+    real = lbfgs_module._armijo
 
     def failing(problems, W, f, direction, slope, lam, tries=30):
         ok, W_ok, P_ok, f_ok = real(problems, W, f, direction, slope, lam, tries)
         none = torch.zeros_like(ok)
         return none, W_ok[:0], P_ok[:, :0], f_ok[:0]
 
-    monkeypatch.setattr(lr_module, "_armijo", failing)
+    monkeypatch.setattr(lbfgs_module, "_armijo", failing)
     X, y = correlated_features(n=60)
-    head = create_head("lr", solver="torch", C=1.0).fit(X, y)
+    head = LogisticHead(solver="torch", C=1.0).fit(X, y)
     assert head.n_iter_ == 1 and np.isfinite(head.predict_proba(X)).all()

@@ -6,9 +6,10 @@ import json
 import pytest
 from conftest import TINY_BACKBONE, run_cli, write_image_folder
 
-from xferkit import pipeline
-from xferkit.errors import XferkitError
-from xferkit.tune import TrialRecord, best_record, open_study, run_trials, trial_records
+from xferkit.api import ExtractOptions, predict
+from xferkit.api.tuning import TrialRecord, best_record, open_study, run_trials, trial_records
+from xferkit.core.errors import XferkitError
+from xferkit.model import load_model
 
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0"]
 
@@ -24,7 +25,7 @@ def bowl(params: dict) -> tuple[float, float]:
 
 def test_gp_sampler_improves_on_its_random_start(tmp_path):
     study = open_study(tmp_path, {"toy": "bowl"}, seed=0, n_startup=5)
-    run_trials(study, bowl, space, 14, progress=False)
+    run_trials(study, bowl, space, 14)
     values = [r.val_nll for r in trial_records(study)]
     assert len(values) == 14
     assert min(values[5:]) < 0.5 * min(values[:5]), values
@@ -42,16 +43,16 @@ def test_resume_runs_only_the_missing_trials(tmp_path):
         return bowl(params)
 
     config = {"toy": "counted"}
-    run_trials(open_study(tmp_path, config, n_startup=3), counted, space, 4, progress=False)
+    run_trials(open_study(tmp_path, config, n_startup=3), counted, space, 4)
     first = trial_records(open_study(tmp_path, config))
     with pytest.raises(KeyboardInterrupt):
-        run_trials(open_study(tmp_path, config, n_startup=3), counted, space, 7, progress=False)
+        run_trials(open_study(tmp_path, config, n_startup=3), counted, space, 7)
     study = open_study(tmp_path, config, n_startup=3)  # a new process would start here
-    run_trials(study, counted, space, 7, progress=False)
+    run_trials(study, counted, space, 7)
     records = trial_records(study)
     assert len(calls) == 4 + 1 + 3  # four recorded, one interrupted, three to reach seven
     assert len(records) == 7 and records[:4] == first
-    run_trials(open_study(tmp_path, config), counted, space, 7, progress=False)
+    run_trials(open_study(tmp_path, config), counted, space, 7)
     assert len(calls) == 8  # nothing left to run
     with pytest.raises(XferkitError, match="different tune"):
         open_study(tmp_path, {"toy": "another"})
@@ -75,11 +76,10 @@ def test_tune_cli_saves_trials_plot_and_the_refitted_best_model(tmp_path):
         rows = list(csv.DictReader(f))
     assert [float(r["C"]) for r in rows] == [t["params"]["C"] for t in report["trials"]]
     assert (out / "best_so_far.png").read_bytes().startswith(b"\x89PNG")
-    model = pipeline.load_model(out / "model")
-    assert model.head.C == report["best"]["params"]["C"] and model.info["n_train"] == 30
-    predictions, _ = pipeline.predict(model, [data / "blue" / "1.png"],
-                                      options=pipeline.ExtractOptions(workers=0, progress=False))
-    assert predictions[0].label == "blue"
+    model = load_model(out / "model")
+    assert model.estimator.C == report["best"]["params"]["C"] and model.info["n_train"] == 30
+    predictions = predict(model, [data / "blue" / "1.png"], options=ExtractOptions(workers=0))
+    assert predictions.predictions[0].label == "blue"
 
     resumed = json.loads(run_cli("tune", data, "--head", "lr", "--trials", "4", "-o", out, *TINY,
                              "--json").stdout)

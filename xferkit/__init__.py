@@ -1,22 +1,28 @@
-"""xferkit: repurpose a pretrained CNN for your own image classes."""
+"""xferkit: repurpose a pretrained CNN for your own image classes.
 
-from importlib.metadata import PackageNotFoundError, version
+The package namespace is lazy: ``import xferkit`` (and the CLI's ``--help``) loads no torch; the
+library functions below are imported on first use.
+"""
 
-try:
-    __version__ = version("xferkit")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+from xferkit.core.lazy import lazy_getattr
+from xferkit.core.version import __version__
 
-from xferkit.heads import create_head  # noqa: E402
-from xferkit.model import TransferModel  # noqa: E402
-from xferkit.pipeline import (  # noqa: E402
-    BackboneOptions,
-    ExtractOptions,
-    evaluate,
-    extract,
-    predict,
-    repurpose,
-)
+#: Public name -> module that defines it.
+_EXPORTS = {
+    "BackboneOptions": "xferkit.model.options:BackboneOptions",
+    "ExtractOptions": "xferkit.model.options:ExtractOptions",
+    "repurpose": "xferkit.api.fitting:repurpose",
+    "evaluate": "xferkit.api.evaluation:evaluate",
+    "predict": "xferkit.api.evaluation:predict",
+    "extract": "xferkit.api.extraction:extract",
+    "compare": "xferkit.api.comparison:compare",
+    "tune": "xferkit.api.tuning:tune",
+    "load_model": "xferkit.model:load_model",
+    "create_head": "xferkit.model:create_head",
+    "XferkitError": "xferkit.core.errors:XferkitError",
+}
 
-__all__ = ["BackboneOptions", "ExtractOptions", "TransferModel", "create_head", "evaluate", "extract",
-           "predict", "repurpose"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -1,3 +1,5 @@
+"""``python -m xferkit``: the command line (also what ``torchrun -m xferkit`` runs)."""
+
 from xferkit.cli import app
 
-app(prog_name="xferkit")
+app()

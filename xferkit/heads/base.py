@@ -1,34 +1,69 @@
-"""The interface every head shares: scikit-learn's estimator shape plus safetensors save/load."""
+"""What every feature head shares: a scikit-learn classifier on ``(n, d)`` features, saved without pickle.
+
+A head validates its hyper-parameters and data in :meth:`FeatureHead.fit`, standardises the features,
+and learns in ``_fit`` from class indices (``classes_`` maps them back to labels of any type).
+Predictions are computed in float64, so that rounding cannot make one row's prediction depend on
+the other rows of X (scikit-learn's checks compare predictions row by row and in a batch).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import InvalidParameterError
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from xferkit.errors import XferkitError
+from xferkit.core.errors import InvalidParameter, XferkitError
+from xferkit.core.metrics import predictive_entropy
+from xferkit.heads import FEATURE_HEADS
+
+#: ``progress(done, total, info)``: told how far ``fit`` has got (``info`` such as ``"loss 0.123"``).
+ProgressCallback = Callable[[int, int, str], None]
+#: A feature whose standard deviation is below this is constant: it is centred, not scaled up.
+CONSTANT_STD = 1e-6
 
 
-class Head(ClassifierMixin, BaseEstimator):
-    """A classifier on backbone features (or, for image heads, on image paths).
+class FeatureHead(ClassifierMixin, BaseEstimator):
+    """A classifier on backbone features: ``fit(X, y)``, ``predict_proba(X)``, ``save``/``load``.
 
-    Subclasses declare hyper-parameters as keywords of ``__init__`` (stored as given),
-    learn in ``fit`` (attributes ending in ``_``), and move their learned tensors through
-    ``_get_state`` / ``_set_state`` so that ``save``/``load`` never pickle anything.
+    Subclasses declare their hyper-parameters as keywords of ``__init__`` with
+    ``_parameter_constraints``, learn in ``_fit``, and list what ``save`` keeps: the JSON scalars
+    in ``_fitted_scalars``, the arrays through ``_fitted_arrays`` / ``_restore_arrays``.
     """
 
     name: ClassVar[str]
-    #: "features" heads get a 2-D float array; "images" heads get a list of image paths.
-    input_kind: ClassVar[str] = "features"
+    _parameter_constraints: ClassVar[dict[str, list]] = {}
+    _fitted_scalars: ClassVar[tuple[str, ...]] = ()
 
-    def fit(self, X, y, X_val=None, y_val=None) -> Head:  # pragma: no cover - interface
-        """Learn from ``X, y``; validation data, when given, picks hyper-parameters or stops early."""
+    def fit(self, X, y, *, progress: ProgressCallback | None = None) -> FeatureHead:
+        """Learn from features *X* ``(n, d)`` and labels *y*; *progress* hears how training advances."""
+        try:
+            self._validate_params()
+        except InvalidParameterError as err:
+            raise InvalidParameter(str(err)) from None
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y has one class ({self.classes_[0]!r}); a classifier needs at least two.")
+        self.mean_ = X.mean(axis=0, dtype=np.float64)
+        std = X.std(axis=0, dtype=np.float64)
+        self.scale_ = np.where(std < CONSTANT_STD, 1.0, std)
+        self._fit(X, y_index, progress or _ignore_progress)
+        return self
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, progress: ProgressCallback) -> None:  # pragma: no cover
+        """Learn from float32 features and class indices (``mean_``, ``scale_`` and ``classes_`` are set)."""
         raise NotImplementedError
 
     def predict_proba(self, X) -> np.ndarray:  # pragma: no cover - interface
@@ -41,61 +76,111 @@ class Head(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """The most probable label of each row."""
+        proba = self.predict_proba(X)  # first: it checks that the head is fitted
+        return self.classes_[proba.argmax(axis=1)]
 
     def uncertainty(self, X) -> dict[str, np.ndarray]:
         """Per-example uncertainty; the default is the predictive entropy in nats."""
         return {"entropy": predictive_entropy(self.predict_proba(X))}
 
-    # --- persistence -----------------------------------------------------------------------
-    def _get_state(self) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+    def _validated(self, X) -> np.ndarray:
+        """*X* checked against the fitted head (fitted, same number of features), as float64."""
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=np.float64)
+
+    def _standardised(self, X: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """*X* centred and scaled by the training statistics: float32 to train on, float64 to predict."""
+        return (X.astype(dtype, copy=False) - self.mean_.astype(dtype)) / self.scale_.astype(dtype)
+
+    # --- persistence -------------------------------------------------------------------------------
+    def _fitted_arrays(self) -> dict[str, np.ndarray]:  # pragma: no cover - interface
+        """The learned arrays ``save`` writes to ``head.safetensors`` (besides ``mean_`` and ``scale_``)."""
         raise NotImplementedError
 
-    def _set_state(self, state: dict[str, torch.Tensor], info: dict) -> None:  # pragma: no cover
+    def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:  # pragma: no cover - interface
+        """Rebuild the learned state from ``_fitted_arrays`` (the JSON scalars are already set)."""
         raise NotImplementedError
-
-    def _get_info(self) -> dict:
-        """JSON-able learned values that are not tensors (a chosen C, an epoch count, ...)."""
-        return {}
 
     def save(self, folder: str | Path) -> None:
-        """Write ``head.json`` (name, hyper-parameters, learned scalars) and ``head.safetensors``."""
-        check_is_fitted(self, "classes_")
+        """Write ``head.json`` (name, hyper-parameters, fitted scalars, classes) and ``head.safetensors``."""
+        check_is_fitted(self)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self._get_state().items()}
-        state["classes_"] = torch.as_tensor(self.classes_)
-        save_file(state, folder / "head.safetensors")
-        meta = {"head": self.name, "params": _jsonable(self.get_params()), "info": self._get_info()}
+        arrays = {"mean": self.mean_, "scale": self.scale_, **self._fitted_arrays()}
+        save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()},
+                  folder / "head.safetensors")
+        params = {key: _json_or_none(value) for key, value in self.get_params().items()}
+        meta = {"name": self.name, "params": params,
+                "fitted": {key: _plain(getattr(self, key)) for key in self._fitted_scalars},
+                "classes": [_plain(label) for label in self.classes_.tolist()],
+                "classes_dtype": self.classes_.dtype.str, "n_features_in": int(self.n_features_in_)}
         (folder / "head.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> Head:
-        """Rebuild the head saved in *folder* (dispatching on its recorded name)."""
-        from xferkit.heads import get_head_class
-
+    def load(cls, folder: str | Path) -> FeatureHead:
+        """The head saved in *folder*: on ``FeatureHead`` whichever head it is, on a subclass that one."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "head.json").read_text())
-            state = load_file(folder / "head.safetensors")
-        except (OSError, ValueError) as err:
-            raise XferkitError(f"{folder} does not hold a readable head ({err}).") from err
-        head = get_head_class(meta["head"])(**meta["params"])
-        head.classes_ = state.pop("classes_").numpy()
-        head._set_state(state, meta["info"])
+            arrays = load_file(folder / "head.safetensors")
+            head = cls._class_to_load(meta["name"], folder)(**meta["params"])
+            head.classes_ = np.array(meta["classes"], dtype=meta["classes_dtype"])
+            head.n_features_in_ = int(meta["n_features_in"])
+            head.mean_, head.scale_ = arrays.pop("mean"), arrays.pop("scale")
+            for key in head._fitted_scalars:
+                setattr(head, key, meta["fitted"][key])
+            head._restore_arrays(arrays)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+            reason = f"{type(err).__name__}: {err}"
+            raise XferkitError(f"{folder} does not hold a readable head ({reason}).") from err
         return head
 
+    @classmethod
+    def _class_to_load(cls, name: str, folder: Path) -> type[FeatureHead]:
+        """The class of a saved *name* head: any registered one for ``FeatureHead``, else *cls* itself."""
+        if cls is not FeatureHead:
+            if name != cls.name:
+                raise XferkitError(f"{folder} holds a {name!r} head, not a {cls.name!r} one.")
+            return cls
+        if name not in FEATURE_HEADS:
+            raise XferkitError(f"{folder} holds an unknown head {name!r}; known: {', '.join(FEATURE_HEADS)}.")
+        module, attribute = FEATURE_HEADS[name].split(":")
+        return getattr(import_module(module), attribute)
 
-def predictive_entropy(proba: np.ndarray) -> np.ndarray:
-    return -(proba * np.log(np.clip(proba, 1e-12, 1.0))).sum(axis=1)
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python one JSON can hold; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def check_positive(**values: float) -> None:
-    """Raise a clear error for hyper-parameters that must be > 0."""
-    for name, value in values.items():
-        if value is not None and not value > 0:
-            raise XferkitError(f"{name} must be positive, got {value}.")
+def _json_or_none(value: Any) -> Any:
+    """*value* as JSON can hold it, or ``None`` if it cannot (a RandomState instance)."""
+    try:
+        json.dumps(_plain(value))
+    except (TypeError, ValueError):
+        return None
+    return _plain(value)
 
 
-def _jsonable(params: dict) -> dict:
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+def _ignore_progress(done: int, total: int, info: str) -> None:
+    """The progress callback of a caller who did not ask for one."""
+
+
+def draw_seed(random_state) -> int:
+    """An integer seed from *random_state* (int, RandomState or None), kept by a head to repeat its draws."""
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def stratified_holdout(y: np.ndarray, fraction: float, random_state) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) of *y*: *fraction* of each class held out, rounded, one example always kept.
+
+    A class too small for its share to round to one example stays wholly in the kept part.
+    """
+    rng = check_random_state(random_state)
+    held_out = []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        held_out.append(members[:min(len(members) - 1, int(fraction * len(members) + 0.5))])
+    held_out = np.sort(np.concatenate(held_out))
+    return np.setdiff1d(np.arange(len(y)), held_out), held_out

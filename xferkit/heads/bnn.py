@@ -8,22 +8,24 @@ prior N(0, prior_std^2) in closed form, and the likelihood of a minibatch of B s
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
-from xferkit.devices import resolve_device
-from xferkit.errors import XferkitError
-from xferkit.heads.base import Head, check_positive, predictive_entropy
-from xferkit.progress import progress_bar
+from xferkit.core.devices import resolve_device
+from xferkit.core.metrics import predictive_entropy
+from xferkit.heads.base import FeatureHead, ProgressCallback, draw_seed
 
-#: Examples per gradient step (and per prediction chunk).
+#: Examples per gradient step.
 BATCH_SIZE = 128
 #: Posterior std of every weight at the start: near a point estimate, the ELBO then widens it.
 INIT_STD = 1e-3
+#: One draw of every layer's (weight, bias).
+Weights = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_std: float) -> torch.Tensor:
@@ -32,7 +34,7 @@ def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_std: float) -> torc
 
 
 class BayesianLinear(nn.Module):
-    """A linear layer whose weights and biases are drawn from q = N(mu, softplus(rho)^2) on every call."""
+    """The posterior of a linear layer's weights and biases: q = N(mu, softplus(rho)^2) for each."""
 
     def __init__(self, n_in: int, n_out: int, prior_std: float, generator: torch.Generator):
         super().__init__()
@@ -44,10 +46,10 @@ class BayesianLinear(nn.Module):
         self.bias_mu = nn.Parameter(torch.zeros(n_out, device=device))
         self.bias_rho = nn.Parameter(torch.full((n_out,), rho, device=device))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        weight = _reparameterise(self.weight_mu, self.weight_rho, generator)
-        bias = _reparameterise(self.bias_mu, self.bias_rho, generator)
-        return F.linear(x, weight, bias)
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw of (weight, bias) from q."""
+        return (_reparameterise(self.weight_mu, self.weight_rho, generator),
+                _reparameterise(self.bias_mu, self.bias_rho, generator))
 
     def kl(self) -> torch.Tensor:
         return (gaussian_kl(self.weight_mu, F.softplus(self.weight_rho), self.prior_std)
@@ -69,27 +71,76 @@ class BayesianMLP(nn.Module):
                                     for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x if i == 0 else F.relu(x), generator)
+        return self.logits(x, self.sample(generator))
+
+    def sample(self, generator: torch.Generator) -> Weights:
+        """One draw of every layer's weights."""
+        return [layer.sample(generator) for layer in self.layers]
+
+    @staticmethod
+    def logits(x: torch.Tensor, weights: Weights) -> torch.Tensor:
+        """The network's output for inputs *x* under one draw of its *weights*."""
+        for i, (weight, bias) in enumerate(weights):
+            x = F.linear(x if i == 0 else F.relu(x), weight, bias)
         return x
 
     def kl(self) -> torch.Tensor:
         return sum(layer.kl() for layer in self.layers)
 
 
-class BNNHead(Head):
-    """Mean-field variational Bayesian head (one layer, or one hidden ReLU layer) on standardised features."""
+class BNNHead(FeatureHead):
+    """Mean-field variational Bayesian head (one layer, or one hidden ReLU layer) on standardised features.
+
+    Parameters
+    ----------
+    hidden : int, default=0
+        Units of the hidden ReLU layer; 0 makes the head a single Bayesian linear layer.
+    prior_std : float, default=1.0
+        Standard deviation of the Gaussian prior on every weight and bias.
+    mc_samples : int, default=32
+        Weight samples averaged at prediction.
+    epochs : int, default=200
+        Passes over the training data (Adam, cosine-decayed learning rate).
+    lr : float, default=0.01
+        Adam's initial learning rate.
+    random_state : int or None, default=None
+        Seed of the initialisation, minibatches and weight samples (the same samples at every prediction).
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        The labels seen in fit, in the order of predict_proba's columns.
+    n_features_in_ : int
+        Number of features seen in fit.
+    mean_, scale_ : ndarray of shape (n_features_in_,)
+        Per-feature mean and standard deviation used to standardise X.
+    net_ : BayesianMLP
+        The variational posterior over the network's weights.
+    seed_ : int
+        Seed drawn from random_state at fit, for training and for the prediction-time weight samples.
+    device_ : torch.device
+        Where the network computes.
+    """
 
     name = "bnn"
+    _parameter_constraints = {
+        "hidden": [Interval(Integral, 0, None, closed="left")],
+        "prior_std": [Interval(Real, 0, None, closed="neither")],
+        "mc_samples": [Interval(Integral, 1, None, closed="left")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "random_state": ["random_state"],
+    }
+    _fitted_scalars = ("seed_",)
 
-    def __init__(self, hidden: int = 0, prior_std: float = 1.0, mc_samples: int = 32, epochs: int = 200,
-                 lr: float = 0.01, seed: int = 0):
+    def __init__(self, hidden: int = 0, *, prior_std: float = 1.0, mc_samples: int = 32, epochs: int = 200,
+                 lr: float = 0.01, random_state: int | None = None):
         self.hidden = hidden
         self.prior_std = prior_std
         self.mc_samples = mc_samples
         self.epochs = epochs
         self.lr = lr
-        self.seed = seed
+        self.random_state = random_state
 
     @classmethod
     def search_space(cls, trial) -> dict:
@@ -97,84 +148,65 @@ class BNNHead(Head):
                 "prior_std": trial.suggest_float("prior_std", 0.03, 3.0, log=True),
                 "lr": trial.suggest_float("lr", 1e-3, 3e-2, log=True)}
 
-    def fit(self, X, y, X_val=None, y_val=None) -> BNNHead:
-        check_positive(prior_std=self.prior_std, mc_samples=self.mc_samples, epochs=self.epochs, lr=self.lr)
-        if self.hidden < 0:
-            raise XferkitError(f"hidden must be 0 (one layer) or a number of units, got {self.hidden}.")
-        X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
-        self.classes_ = np.unique(y)
+    def _fit(self, X: np.ndarray, y: np.ndarray, progress: ProgressCallback) -> None:
+        self.seed_ = draw_seed(self.random_state)
         self.device_ = resolve_device("auto")
-        self.mean_, self.scale_ = torch.from_numpy(X.mean(0)), torch.from_numpy(X.std(0)).clamp_min(1e-6)
-        generator = torch.Generator(self.device_).manual_seed(self.seed)
+        generator = torch.Generator(self.device_).manual_seed(self.seed_)
         self.net_ = self._build(X.shape[1], generator)
-        val = None
-        if X_val is not None and len(X_val):
-            val = (X_val, torch.from_numpy(np.searchsorted(self.classes_, y_val)))
-        targets = torch.from_numpy(np.searchsorted(self.classes_, y)).to(self.device_)
-        self._train(self._inputs(X), targets, val, generator)
-        return self
+        inputs = torch.from_numpy(self._standardised(X, np.float32)).to(self.device_)
+        self._train(inputs, torch.from_numpy(y).to(self.device_), generator, progress)
 
     def _build(self, n_features: int, generator: torch.Generator) -> BayesianMLP:
         sizes = [n_features, *([self.hidden] if self.hidden else []), len(self.classes_)]
         return BayesianMLP(sizes, self.prior_std, generator)
 
-    def _inputs(self, X) -> torch.Tensor:
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
-        return ((X - self.mean_) / self.scale_).to(self.device_)
-
-    def _train(self, X: torch.Tensor, y: torch.Tensor, val, generator: torch.Generator) -> None:
+    def _train(self, X: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+               progress: ProgressCallback) -> None:
         """Adam, cosine-decayed, on the negative ELBO = N/B * (minibatch NLL) + KL(q || prior)."""
         n = len(X)
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs)
-        with progress_bar("bnn", self.epochs, unit="epoch") as advance:
-            for _ in range(self.epochs):
-                neg_elbo = 0.0
-                for idx in torch.randperm(n, generator=generator, device=X.device).split(BATCH_SIZE):
-                    log_likelihood = -F.cross_entropy(self.net_(X[idx], generator), y[idx], reduction="sum")
-                    elbo = n / len(idx) * log_likelihood - self.net_.kl()
-                    optimizer.zero_grad()
-                    (-elbo / n).backward()
-                    optimizer.step()
-                    neg_elbo += -elbo.item() * len(idx) / n
-                schedule.step()
-                advance(info=f"-elbo/n {neg_elbo / n:.3f}{self._validation_info(val)}")
+        for epoch in range(1, self.epochs + 1):
+            neg_elbo = 0.0
+            for idx in torch.randperm(n, generator=generator, device=X.device).split(BATCH_SIZE):
+                log_likelihood = -F.cross_entropy(self.net_(X[idx], generator), y[idx], reduction="sum")
+                elbo = n / len(idx) * log_likelihood - self.net_.kl()
+                optimizer.zero_grad()
+                (-elbo / n).backward()
+                optimizer.step()
+                neg_elbo += -elbo.item() * len(idx) / n
+            schedule.step()
+            progress(epoch, self.epochs, f"-elbo/n {neg_elbo / n:.3f}")
 
-    def _validation_info(self, val) -> str:
-        if val is None:
-            return ""
-        proba = torch.from_numpy(self.predict_proba(val[0]))
-        nll = F.nll_loss(proba.clamp_min(1e-12).log(), val[1]).item()
-        return f" val_nll {nll:.3f} val_acc {(proba.argmax(1) == val[1]).float().mean().item():.3f}"
+    def _sample_proba(self, X) -> np.ndarray:
+        """Softmax outputs under ``mc_samples`` weight draws, ``(S, n, n_classes)``: the same draws always.
 
-    def _sample_proba(self, X) -> torch.Tensor:
-        """Softmax outputs under ``mc_samples`` weight draws, ``(S, n, n_classes)``; the same draws always."""
-        check_is_fitted(self, "net_")
-        chunks = []
+        Each draw is made in float32, as in training, and applied in float64.
+        """
+        inputs = torch.from_numpy(self._standardised(self._validated(X))).to(self.device_)
+        generator = torch.Generator(self.device_).manual_seed(self.seed_)
+        samples = []
         with torch.no_grad():
-            for Xb in self._inputs(X).split(BATCH_SIZE * 8):
-                generator = torch.Generator(self.device_).manual_seed(self.seed)
-                logits = torch.stack([self.net_(Xb, generator) for _ in range(self.mc_samples)])
-                chunks.append(logits.softmax(-1).cpu())
-        return torch.cat(chunks, 1) if chunks else torch.zeros(self.mc_samples, 0, len(self.classes_))
+            for _ in range(self.mc_samples):
+                weights = [(weight.double(), bias.double()) for weight, bias in self.net_.sample(generator)]
+                samples.append(self.net_.logits(inputs, weights).softmax(-1))
+        return torch.stack(samples).cpu().numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         """The posterior predictive: softmax averaged over weight samples."""
-        return self._sample_proba(X).mean(0).numpy()
+        return self._sample_proba(X).mean(0)
 
     def uncertainty(self, X) -> dict[str, np.ndarray]:
         """Predictive entropy, and its epistemic part: the mutual information between label and weights."""
-        samples = self._sample_proba(X).numpy()
+        samples = self._sample_proba(X)
         entropy = predictive_entropy(samples.mean(0))
         expected = np.mean([predictive_entropy(p) for p in samples], axis=0)
         return {"entropy": entropy, "mutual_information": entropy - expected}
 
-    def _get_state(self) -> dict[str, torch.Tensor]:
-        state = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
-        return {**state, "mean": self.mean_, "scale": self.scale_}
+    def _fitted_arrays(self) -> dict[str, np.ndarray]:
+        return {f"net.{k}": v.cpu().numpy() for k, v in self.net_.state_dict().items()}
 
-    def _set_state(self, state: dict[str, torch.Tensor], info: dict) -> None:
+    def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.device_ = resolve_device("auto")
-        self.mean_, self.scale_ = state.pop("mean"), state.pop("scale")
-        self.net_ = self._build(len(self.mean_), torch.Generator(self.device_))
-        self.net_.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+        self.net_ = self._build(self.n_features_in_, torch.Generator(self.device_))
+        self.net_.load_state_dict({k.removeprefix("net."): torch.from_numpy(v) for k, v in arrays.items()})

@@ -1,0 +1,8 @@
+"""The installed xferkit version, recorded in every saved model."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xferkit")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"

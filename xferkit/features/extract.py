@@ -1,0 +1,219 @@
+"""Push images through a backbone once, in batches, and keep the features (cached on disk by content).
+
+Extraction runs as fast as the backbone allows: JPEGs decode at reduced size (draft mode) in
+worker processes budgeted against the cores torch computes on, or on the GPU (nvJPEG); uint8
+images travel to the device through pinned memory and are normalised there; on CUDA the
+backbone runs in bf16 channels-last and each batch's features come back while the next batch
+computes. Completed rows reach the cache every ``STORE_EVERY`` images, so an interrupted run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from xferkit.backbones import Backbone
+from xferkit.core.devices import default_workers, feeding_threads, resolve_device
+from xferkit.core.errors import XferkitError
+from xferkit.core.reporting import SILENT, Reporter
+from xferkit.features.cache import FeatureCache, content_keys, default_cache_dir
+from xferkit.features.loader import Chunk, ExtractionItems, chunk_loader
+from xferkit.io.jpeg_device import decode_oriented, gpu_decode_available
+from xferkit.preprocess import Normalizer, Preprocess, resize_decoded, supports_tensor_resize
+
+#: Where plain JPEGs are decoded (see ``extract_features``).
+DECODE_CHOICES = ("auto", "workers", "device")
+#: Rows written to the cache at a time during an extraction (what an interruption can lose at most).
+STORE_EVERY = 512
+
+
+@dataclass
+class Features:
+    """Features of the images that decoded; ``kept`` indexes the input paths they belong to."""
+
+    features: np.ndarray
+    kept: np.ndarray
+    skipped: list[tuple[Path, str]]
+    #: How many of the rows came from the cache rather than the backbone.
+    from_cache: int = 0
+
+
+def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "auto", batch_size: int = 64,
+                     workers: int | None = None, cache: bool | str | Path = True, strict: bool = False,
+                     decode: str = "auto", reporter: Reporter = SILENT) -> Features:
+    """Features for *paths* (rows in input order, skipped files left out and listed).
+
+    ``cache``: ``True`` uses the default cache folder, a path another one, ``False`` none.
+    ``strict`` turns the first unreadable file into an error instead of a counted skip.
+    ``decode`` says where plain JPEGs are decoded: ``"workers"`` (PIL, in draft mode, in the worker
+    processes), ``"device"`` (torchvision on the extraction device: nvJPEG on a GPU) or ``"auto"``
+    (the device when it is a GPU with nvJPEG, else the workers); other files always use the workers.
+    """
+    paths = [Path(p) for p in paths]
+    dev = resolve_device(device)
+    device_jpegs = _decode_on_device(decode, dev, backbone.preprocess)
+    store = None
+    keys: list[str | None] = [None] * len(paths)
+    if cache is not False:
+        root = default_cache_dir() if cache is True else Path(cache)
+        extractor = extractor_key(backbone, dev, device_jpegs)
+        store = FeatureCache(root, extractor, backbone.num_features, reporter)
+        keys = content_keys(paths)
+    found = store.lookup(keys) if store else {}
+    out = np.zeros((len(paths), backbone.num_features), dtype=np.float32)
+    for i, row in found.items():
+        out[i] = row
+    todo = np.array([i for i in range(len(paths)) if i not in found], dtype=np.int64)
+    if found:
+        reporter.note(f"{len(found)} of {len(paths)} images' features from the cache")
+    failures: dict[int, str] = {}
+    if len(todo):
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def flush() -> None:
+            if store and pending:
+                index = np.concatenate([i for i, _ in pending])
+                store.store([keys[i] for i in index], np.concatenate([r for _, r in pending]))
+            pending.clear()
+
+        try:
+            for index, rows in _run_backbone(backbone, [paths[i] for i in todo], dev, batch_size, workers,
+                                             device_jpegs, failures, reporter):
+                index = todo[index]
+                out[index] = rows
+                cacheable = np.array([keys[i] is not None for i in index], dtype=bool)
+                pending.append((index[cacheable], rows[cacheable]))
+                if sum(len(i) for i, _ in pending) >= STORE_EVERY:
+                    flush()
+        finally:  # an interruption keeps what was extracted so far
+            flush()
+        failures = {int(todo[j]): message for j, message in failures.items()}
+    skipped = [(paths[i], failures[i]) for i in sorted(failures)]
+    if strict:
+        refuse_skipped(skipped)
+    kept = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
+    return Features(out[kept], kept, skipped, len(found))
+
+
+def extractor_key(backbone: Backbone, device: torch.device, device_jpegs: bool) -> dict:
+    """Everything that changes a feature value: weights, layer, preprocessing, decoder and precision."""
+    return {"name": backbone.name, "digest": backbone.weights_digest, "layer": backbone.layer,
+            "preprocess": backbone.preprocess.to_json(), "decode": "device" if device_jpegs else "pil",
+            "precision": "bf16" if device.type == "cuda" else "fp32"}
+
+
+def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, batch_size: int,
+                  workers: int | None, device_jpegs: bool, failures: dict[int, str], reporter: Reporter
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices into paths, feature rows)`` batch by batch; decode failures go into *failures*."""
+    model = inference_model(backbone, device)
+    workers = default_workers(device) if workers is None else workers
+    loader = chunk_loader(paths, backbone.preprocess, device, batch_size, workers, device_jpegs)
+    normalize, pending = Normalizer(backbone.preprocess, device), None
+    try:
+        with (reporter.task(f"extracting {backbone.name}", len(paths)) as task,
+              feeding_threads(device, workers), inference_context(device)):
+            for index, images in _batches(loader, normalize, batch_size, failures, task):
+                feats = _to_host(model(images))
+                if pending is not None:
+                    yield _collect(*pending, task)
+                pending = (index, *feats)
+            if pending is not None:
+                yield _collect(*pending, task)
+    finally:
+        backbone.model.to("cpu")
+
+
+def _decode_on_device(decode: str, device: torch.device, preprocess: Preprocess) -> bool:
+    if decode not in DECODE_CHOICES:
+        raise XferkitError(f"unknown decode {decode!r}; use one of {', '.join(DECODE_CHOICES)}.")
+    if decode == "workers" or decode == "auto" and device.type != "cuda":
+        return False
+    works = supports_tensor_resize(preprocess) and gpu_decode_available(device)
+    if decode == "device" and not works:
+        raise XferkitError(f"JPEGs cannot be decoded on {device} here (torchvision without nvJPEG, or "
+                           f"a {preprocess.interpolation} resize); use decode='workers'.")
+    return works
+
+
+def _batches(loader: DataLoader, normalize: Normalizer, batch_size: int, failures: dict, task):
+    """Normalised device batches of up to *batch_size* images, joined from the loader's chunks."""
+    index, images = [], []
+    for chunk in loader:
+        known = len(failures)
+        failures.update(chunk.failed)
+        for part_index, part in _chunk_parts(chunk, loader.dataset, normalize.device, failures):
+            index.append(part_index)
+            images.append(normalize(part))
+        task.advance(len(failures) - known)
+        if sum(map(len, index)) >= batch_size:
+            yield torch.cat(index), torch.cat(images)
+            index, images = [], []
+    if index:
+        yield torch.cat(index), torch.cat(images)
+
+
+def _chunk_parts(chunk: Chunk, dataset: ExtractionItems, device: torch.device, failures: dict):
+    """(index, images) of a chunk: those the workers decoded, then its JPEGs decoded on *device*."""
+    if len(chunk.index):
+        yield chunk.index, chunk.images
+    for part in decode_oriented(chunk.jpegs, device) if len(chunk.jpegs) else ():
+        decoded = [(chunk.jpeg_index[k], image) for k, image in part if image is not None]
+        index, images = resize_decoded(decoded, dataset.preprocess)
+        if images is not None:
+            yield torch.tensor(index), images
+        for k in (k for k, image in part if image is None):  # rejected by the device decoder
+            i, image, message = dataset.decode(chunk.jpeg_index[k])
+            if image is None:
+                failures[i] = message
+            else:
+                yield torch.tensor([i]), image[None]
+
+
+def inference_model(backbone: Backbone, device: torch.device) -> nn.Module:
+    """The backbone on *device*, channels-last (oneDNN on CPUs and cuDNN with bf16 both prefer it)."""
+    return backbone.model.to(device).to(memory_format=torch.channels_last)
+
+
+@contextmanager
+def inference_context(device: torch.device):
+    """No autograd; bf16 autocast on CUDA (CPU stays float32, so its features are exact)."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        yield
+
+
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying *feats* to the host; on CUDA the copy overlaps the next batch."""
+    feats = feats.float()
+    if not feats.is_cuda:
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _collect(index: torch.Tensor, host: torch.Tensor, event: torch.cuda.Event | None, task
+             ) -> tuple[np.ndarray, np.ndarray]:
+    if event is not None:
+        event.synchronize()
+    task.advance(len(index))
+    return index.numpy(), host.numpy().copy()
+
+
+def refuse_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """``--strict``: the first unreadable file becomes an error instead of a counted skip."""
+    if skipped:
+        path, msg = skipped[0]
+        raise XferkitError(f"cannot read {path}: {msg} ({len(skipped)} unreadable file(s) in all; "
+                           "remove them, or drop --strict to skip them).")

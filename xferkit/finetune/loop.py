@@ -1,0 +1,133 @@
+"""The training loop shared by the pixel trainers, and when it stops.
+
+AdamW (fused) with timm's linear warm-up then cosine decay, stepped every update; label
+smoothing; early stopping on validation loss in the schedule's second half (best weights
+restored); a time budget; bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from xferkit.core.reporting import ProgressCallback
+from xferkit.finetune.network import ImageClassifier
+from xferkit.preprocess import Normalizer
+
+#: Batches timed in the first epoch before the time per epoch is estimated.
+ESTIMATE_AFTER = 5
+
+
+@dataclass
+class Budget:
+    """When training stops and how the loss is smoothed.
+
+    Early stopping looks only at the second half of the cosine schedule: before it, the learning
+    rate is still high and validation loss is noisy (a from-scratch network's first epochs, at
+    chance, can have the lowest loss), so no epoch there is kept or is a reason to stop.
+    """
+
+    epochs: int
+    patience: int
+    max_time: float | None = None
+    label_smoothing: float = 0.0
+
+    @property
+    def first_kept_epoch(self) -> int:
+        return self.epochs // 2 + 1
+
+
+def adamw_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups of *module*'s trainable parameters at *lr*: no weight decay on biases and norms."""
+    return [{**group, "lr": lr} for group in param_groups_weight_decay(module, weight_decay)]
+
+
+def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLoader, labels: torch.Tensor,
+                     val: Iterable | None, val_labels: torch.Tensor | None, normalize: Normalizer,
+                     budget: Budget, progress: ProgressCallback | None = None,
+                     optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
+    """Train *network* in place; with validation data, keep the epoch of lowest validation loss.
+
+    ``progress(done, total, info)`` hears of every step (in batches); ``optimizer_step`` replaces
+    ``optimizer.step()`` (random freeze masks gradients there). Returns the history as a JSON-able dict.
+    """
+    device = normalize.device
+    optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
+    step = optimizer_step or (lambda opt: opt.step())
+    total = budget.epochs * len(train)
+    warmup = max(1, min(len(train), total // 10))
+    # the cosine reaches 0 one update after the last, so that the last one still learns
+    schedule = CosineLRScheduler(optimizer, t_initial=total + 1, warmup_t=warmup, t_in_epochs=False)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=budget.label_smoothing)
+    report = progress or (lambda done, total, info: None)
+    history = {"train_loss": [], "val_loss": [], "val_accuracy": [], "stopped": "epochs"}
+    best_loss, best_state, best_epoch = math.inf, None, 0
+    start, done, pace = time.perf_counter(), 0, ""
+    for epoch in range(1, budget.epochs + 1):
+        network.train()
+        losses = []
+        for batch, (index, images, _) in enumerate(train):
+            if budget.max_time is not None and time.perf_counter() - start > budget.max_time:
+                history["stopped"] = "max_time"
+                break
+            done = (epoch - 1) * len(train) + batch + 1
+            if not len(index):
+                continue
+            schedule.step_update(done)  # this update's learning rate: linear warm-up, then cosine
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(network(normalize(images)).float(), labels[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step(optimizer)
+            losses.append(loss.item())
+            if done == min(ESTIMATE_AFTER, len(train)):
+                pace = f" ~{(time.perf_counter() - start) / done * len(train):.1f}s/epoch"
+            report(done, total, f"epoch {epoch}/{budget.epochs} loss {losses[-1]:.3f}{pace}")
+        history["train_loss"].append(float(np.mean(losses)) if losses else None)
+        if val is not None:
+            val_loss, val_acc = validate(network, val, val_labels, normalize)
+            history["val_loss"].append(val_loss)
+            history["val_accuracy"].append(val_acc)
+            report(done, total, f"epoch {epoch}/{budget.epochs} val_loss {val_loss:.3f} val_acc {val_acc:.3f}"
+                   + pace)
+            kept = epoch >= budget.first_kept_epoch
+            if kept and val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in network.learned_state().items()}
+            elif kept and epoch - best_epoch >= budget.patience:
+                history["stopped"] = "patience"
+        if history["stopped"] != "epochs":
+            break
+    if best_state is not None:
+        network.load_state_dict(best_state, strict=False)
+    seconds = time.perf_counter() - start
+    history.update(epochs_run=epoch, best_epoch=best_epoch or epoch, batch_size=train.batch_size,
+                   seconds=round(seconds, 3), seconds_per_epoch=round(seconds / epoch, 3))
+    return history
+
+
+@torch.no_grad()
+def validate(network: nn.Module, loader: Iterable, labels: torch.Tensor, normalize: Normalizer
+             ) -> tuple[float, float]:
+    """Mean negative log-likelihood (no smoothing) and accuracy on the evaluation transform."""
+    network.eval()
+    device, nll, correct, n = normalize.device, 0.0, 0, 0
+    for index, images, _ in loader:
+        if not len(index):
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = network(normalize(images)).float()
+        target = labels[index].to(device)
+        nll += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+        n += len(index)
+    return nll / max(n, 1), correct / max(n, 1)

@@ -1,0 +1,1 @@
+"""Reading what users give xferkit: image files, labelled folders and CSVs, and writing files safely."""

@@ -1,0 +1,287 @@
+"""A repurposed model: the one place where "features, then a head" and "a network on pixels" differ.
+
+:class:`FeatureModel` runs the backbone once and fits a scikit-learn head on the features;
+:class:`NetworkModel` trains a network on the images themselves. Both calibrate their
+probabilities with one shared temperature fitted on held-out images, save to a folder of JSON
+and safetensors, and predict on image files the same way; nothing above this module branches
+on which one it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from xferkit.backbones import Backbone, create_backbone
+from xferkit.core.calibration import Calibration, calibrate, temper
+from xferkit.core.errors import XferkitError
+from xferkit.core.metrics import classification_metrics, predictive_entropy
+from xferkit.core.reporting import SILENT, Reporter
+from xferkit.features import Features, extract_features, readable_images
+from xferkit.finetune.base import PixelClassifier
+from xferkit.heads.base import FeatureHead
+from xferkit.io.data import LabelledImages
+from xferkit.io.files import atomic_folder
+from xferkit.model.manifest import MANIFEST, Manifest, read_manifest
+from xferkit.model.options import BackboneOptions, ExtractOptions
+from xferkit.model.registry import create_head, head_kind, head_params
+from xferkit.preprocess import Preprocess
+
+
+@dataclass
+class Predictions:
+    """Calibrated probabilities (columns follow ``classes``) and uncertainties of the images that decoded."""
+
+    proba: np.ndarray
+    uncertainty: dict[str, np.ndarray]
+    kept: np.ndarray
+    skipped: list[tuple[Path, str]]
+
+
+@dataclass
+class Fitted:
+    """What fitting produced besides the model: the skipped files and how long each part took."""
+
+    skipped: list[tuple[Path, str]]
+    seconds: dict[str, float]
+
+
+class TransferModel(ABC):
+    """A fitted estimator on images, its class names, calibration, validation metrics and run info."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, estimator, classes: list[str], calibration: Calibration | None = None,
+                 metrics: dict | None = None, info: dict | None = None):
+        self.estimator, self.classes = estimator, list(classes)
+        self.calibration, self.metrics, self.info = calibration, metrics or {}, info or {}
+
+    @property
+    def head(self) -> str:
+        return self.estimator.name
+
+    @property
+    @abstractmethod
+    def backbone_spec(self) -> dict:
+        """The backbone this model starts from, as recorded in the manifest."""
+
+    @abstractmethod
+    def _raw_predictions(self, paths: list[Path], options: ExtractOptions, reporter: Reporter
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray], Features]:
+        """Uncalibrated probabilities, head-specific uncertainties, and which images decoded."""
+
+    # --- prediction --------------------------------------------------------------------------------
+    def predict(self, paths: list[Path], options: ExtractOptions = ExtractOptions(),
+                reporter: Reporter = SILENT) -> Predictions:
+        """Calibrated probabilities and uncertainties (always the entropy) of the images that decode."""
+        proba, extra, feats = self._raw_predictions([Path(p) for p in paths], options, reporter)
+        proba = temper(proba, self.calibration.temperature) if self.calibration else proba
+        return Predictions(proba, {"entropy": predictive_entropy(proba), **extra}, feats.kept, feats.skipped)
+
+    # --- fitting -----------------------------------------------------------------------------------
+    def _validated(self, val: LabelledImages | None, options: ExtractOptions, calibrated: bool,
+                   reporter: Reporter) -> list[tuple[Path, str]]:
+        """Fit the temperature on *val* (when asked), score the calibrated model there; the skipped files."""
+        if val is None or not len(val):
+            return []
+        proba, _, feats = self._raw_predictions(val.paths, options, reporter)
+        if not len(feats.kept):
+            return feats.skipped
+        y = val.relabel(self.classes).labels[feats.kept]
+        if calibrated:
+            self.calibration = calibrate(proba, y)
+            proba = temper(proba, self.calibration.temperature)
+        self.metrics = classification_metrics(y, proba)
+        return feats.skipped
+
+    # --- persistence -------------------------------------------------------------------------------
+    def manifest(self) -> Manifest:
+        return Manifest(self.kind, self.backbone_spec, self.classes, self.head,
+                        _jsonable(self.estimator.get_params()),
+                        self.calibration.to_json() if self.calibration else None, self.metrics, self.info)
+
+    def save(self, folder: str | Path, force: bool = False) -> Path:
+        """Write the model folder atomically; an existing folder needs ``force``."""
+        with atomic_folder(Path(folder), force=force) as tmp:
+            self.estimator.save(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest().to_json(), indent=2))
+        return Path(folder)
+
+    @classmethod
+    @abstractmethod
+    def _load(cls, folder: Path, manifest: Manifest) -> TransferModel:
+        """Rebuild the model saved in *folder*."""
+
+
+class FeatureModel(TransferModel):
+    """A backbone that extracts features once and a scikit-learn head fitted on them."""
+
+    kind = "features"
+
+    def __init__(self, backbone: Backbone, head: FeatureHead, **kwargs):
+        super().__init__(head, [str(c) for c in head.classes_], **kwargs)
+        self.backbone = backbone
+
+    @property
+    def backbone_spec(self) -> dict:
+        return self.backbone.spec()
+
+    def features(self, paths: list[Path], options: ExtractOptions, reporter: Reporter = SILENT) -> Features:
+        return extract_features(self.backbone, paths, device=options.device, batch_size=options.batch_size,
+                                workers=options.workers, cache=options.cache, strict=options.strict,
+                                reporter=reporter)
+
+    def _raw_predictions(self, paths, options, reporter):
+        feats = self.features(paths, options, reporter)
+        if not len(feats.kept):
+            return np.zeros((0, len(self.classes)), np.float32), {}, feats
+        extra = {k: v for k, v in self.estimator.uncertainty(feats.features).items() if k != "entropy"}
+        return self.estimator.predict_proba(feats.features), extra, feats
+
+    @classmethod
+    def fit(cls, head: str, params: dict, backbone: BackboneOptions, train: LabelledImages,
+            val: LabelledImages | None, options: ExtractOptions, seed: int, calibrated: bool,
+            reporter: Reporter) -> tuple[FeatureModel, Fitted]:
+        estimator = create_head(head, **_with_run_params(head, params, backbone, options, seed))
+        net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
+                              backbone.image_size, reporter)
+        feats = extract_features(net, train.paths, device=options.device, batch_size=options.batch_size,
+                                 workers=options.workers, cache=options.cache, strict=options.strict,
+                                 reporter=reporter)
+        y = _names(train)[feats.kept]
+        _check_every_class_left(y, train.classes)
+        seconds = _timed_fit(estimator, feats.features, y, reporter)
+        model = cls(net, estimator)
+        return model, Fitted(feats.skipped + model._validated(val, options, calibrated, reporter), seconds)
+
+    @classmethod
+    def _load(cls, folder: Path, manifest: Manifest) -> FeatureModel:
+        spec = manifest.backbone
+        backbone = create_backbone(spec["name"], spec["weights_file"], spec["pretrained"], spec["layer"])
+        check_same_weights(backbone.weights_digest, spec["weights_digest"], spec["name"],
+                           backbone.weights_source)
+        backbone = replace(backbone, preprocess=Preprocess.from_json(spec["preprocess"]))
+        return cls(backbone, FeatureHead.load(folder))
+
+
+class NetworkModel(TransferModel):
+    """A classifier network trained on pixels (fine-tuned, or from scratch)."""
+
+    kind = "pixels"
+
+    def __init__(self, trainer: PixelClassifier, **kwargs):
+        super().__init__(trainer, [str(c) for c in trainer.classes_], **kwargs)
+
+    @property
+    def backbone_spec(self) -> dict:
+        return self.estimator.backbone_.spec()
+
+    def _raw_predictions(self, paths, options, reporter):
+        proba, feats = self.estimator.predict_images(paths, device=options.device,
+                                                     batch_size=options.batch_size, workers=options.workers,
+                                                     strict=options.strict, reporter=reporter)
+        return proba, {}, feats
+
+    @classmethod
+    def fit(cls, head: str, params: dict, backbone: BackboneOptions, train: LabelledImages,
+            val: LabelledImages | None, options: ExtractOptions, seed: int, calibrated: bool,
+            reporter: Reporter) -> tuple[NetworkModel, Fitted]:
+        estimator = create_head(head, **_with_run_params(head, params, backbone, options, seed))
+        kept, skipped = readable_images(train.paths, device=options.device, batch_size=options.batch_size,
+                                        workers=options.workers, strict=options.strict, reporter=reporter)
+        y = _names(train)[kept]
+        _check_every_class_left(y, train.classes)
+        seconds = _timed_fit(estimator, [train.paths[i] for i in kept], y, reporter)
+        model = cls(estimator)
+        return model, Fitted(skipped + model._validated(val, options, calibrated, reporter), seconds)
+
+    @classmethod
+    def _load(cls, folder: Path, manifest: Manifest) -> NetworkModel:
+        return cls(PixelClassifier.load(folder))
+
+
+MODEL_TYPES: dict[str, type[TransferModel]] = {"features": FeatureModel, "pixels": NetworkModel}
+
+
+def fit_model(head: str, params: dict | None = None, *, backbone: BackboneOptions = BackboneOptions(),
+              train: LabelledImages, val: LabelledImages | None = None,
+              options: ExtractOptions = ExtractOptions(), seed: int = 0, calibrated: bool = True,
+              info: dict | None = None, reporter: Reporter = SILENT) -> tuple[TransferModel, Fitted]:
+    """Fit head *head* (with hyper-parameters *params*) on *train*; calibrate and score it on *val*."""
+    model, fitted = MODEL_TYPES[head_kind(head)].fit(head, dict(params or {}), backbone, train, val, options,
+                                                      seed, calibrated, reporter)
+    model.info = {**(info or {}), "n_train": int(len(train) - _skipped_in(train, fitted.skipped)),
+                  "n_val": int(model.metrics.get("n", 0)), "seed": seed,
+                  "fit_seconds": round(fitted.seconds["fit"], 3)}
+    return model, fitted
+
+
+def load_model(folder: str | Path) -> TransferModel:
+    """Rebuild the model saved in *folder* (checking its weights and classes); never runs code from it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest.kind not in MODEL_TYPES:
+        raise XferkitError(f"{folder / MANIFEST} names an unknown model kind {manifest.kind!r}.")
+    model = MODEL_TYPES[manifest.kind]._load(folder, manifest)
+    if model.head != manifest.head or model.classes != list(manifest.classes):
+        raise XferkitError(f"{folder}: {MANIFEST} does not match the saved head (head {manifest.head!r} with "
+                           f"classes {manifest.classes} in the manifest, {model.head!r} with {model.classes} "
+                           "in head.json). The folder was edited or mixed up: repurpose the model again.")
+    model.calibration = Calibration(**manifest.calibration) if manifest.calibration else None
+    model.metrics, model.info = manifest.validation_metrics, manifest.info
+    return model
+
+
+def check_same_weights(found: str, recorded: str, name: str, source: str) -> None:
+    """Refuse weights other than those a model was trained on."""
+    if found != recorded:
+        raise XferkitError(
+            f"the weights found for {name} ({source}) are not the ones this model was trained on "
+            f"(digest {found[:12]} here, {recorded[:12]} recorded). Restore the original weights file.")
+
+
+def _with_run_params(head: str, params: dict, backbone: BackboneOptions, options: ExtractOptions,
+                     seed: int) -> dict:
+    """*params* plus what the run decides (backbone, device, seed, ...) for the parameters the head takes."""
+    run = {"backbone": backbone.name, "weights": str(backbone.weights) if backbone.weights else None,
+           "pretrained": backbone.pretrained, "layer": backbone.layer, "image_size": backbone.image_size,
+           "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
+           "random_state": seed}
+    declared = head_params(head)
+    return {**{k: v for k, v in run.items() if k in declared}, **params}
+
+
+def _timed_fit(estimator, X, y: np.ndarray, reporter: Reporter) -> dict[str, float]:
+    start = time.perf_counter()
+    with reporter.callback(f"fitting {estimator.name}") as progress:
+        estimator.fit(X, y, progress=progress)
+    return {"fit": time.perf_counter() - start}
+
+
+def _names(data: LabelledImages) -> np.ndarray:
+    """The class name of every image: heads learn the names themselves."""
+    return np.array(data.classes, dtype=object)[data.labels].astype(str)
+
+
+def _check_every_class_left(y: np.ndarray, classes: list[str]) -> None:
+    empty = sorted(set(classes) - set(y.tolist()))
+    if empty:
+        raise XferkitError(f"no readable training images left for class(es) {', '.join(empty)}: "
+                           "every file there failed to decode. Add valid images or remove them.")
+
+
+def _skipped_in(data: LabelledImages, skipped: list[tuple[Path, str]]) -> int:
+    paths = set(data.paths)
+    return sum(1 for path, _ in skipped if path in paths)
+
+
+def _jsonable(params: dict) -> dict:
+    """Hyper-parameters as JSON values (numpy scalars unwrapped, paths as text)."""
+    return {k: (v.item() if isinstance(v, np.generic) else str(v) if isinstance(v, Path) else v)
+            for k, v in params.items()}

@@ -1,0 +1,109 @@
+"""How images become a backbone's input: resize, centre-crop and normalise, or augment for training.
+
+The recipe (input size, interpolation, crop fraction, mean and std) comes from the backbone's
+own config; the same recipe runs on PIL images in loader workers or on tensors on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from timm.data import create_transform
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from xferkit.io.images import load_rgb
+from xferkit.io.jpeg_device import by_budget
+
+#: Interpolations torchvision can run on tensors (PIL-only filters such as lanczos cannot).
+TENSOR_INTERPOLATIONS = {"bilinear", "bicubic"}
+#: Pixels resized at once on a device (in float, 4x the bytes): bounds GPU memory.
+RESIZE_PIXELS = 2**25
+#: Random-resized-crop area range for training: timm's default (0.08, 1) destroys small images
+#: such as digits; 0.35 is the milder floor fastai uses for fine-tuning.
+CROP_SCALE = (0.35, 1.0)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images are resized, cropped and normalised for a backbone (from its own config)."""
+
+    input_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop, as timm and torchvision compute it."""
+        return int(min(self.input_size) / self.crop_pct)
+
+    def with_image_size(self, size: int) -> Preprocess:
+        """Same preprocessing at another square input size (for small images on a CPU)."""
+        return replace(self, input_size=(size, size))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocess:
+        return cls(input_size=tuple(data["input_size"]), interpolation=data["interpolation"],
+                   mean=tuple(data["mean"]), std=tuple(data["std"]), crop_pct=data["crop_pct"])
+
+
+def image_to_tensor(path, preprocess: Preprocess) -> torch.Tensor:
+    """Decode, resize the shorter side, centre-crop: a uint8 (3, H, W) tensor, not yet normalised."""
+    img = load_rgb(path, min_size=preprocess.resize_size)
+    img = TF.resize(img, preprocess.resize_size,
+                    interpolation=InterpolationMode(preprocess.interpolation), antialias=True)
+    img = TF.center_crop(img, list(preprocess.input_size))
+    return TF.pil_to_tensor(img)
+
+
+def resize_crop(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 ``(n, 3, h, w)`` to float, shorter side to ``resize_size``, centre crop: as on the PIL path."""
+    x = TF.resize(images.float(), preprocess.resize_size,
+                  interpolation=InterpolationMode(preprocess.interpolation), antialias=True)
+    return TF.center_crop(x, list(preprocess.input_size)).clamp_(0, 255)
+
+
+def resize_decoded(decoded: list[tuple[int, torch.Tensor]], preprocess: Preprocess
+                   ) -> tuple[list[int], torch.Tensor | None]:
+    """Resize and crop decoded ``(index, image)`` pairs, same-size images together; (indices, batch)."""
+    by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    for i, image in decoded:
+        by_shape.setdefault(tuple(image.shape), []).append((i, image))
+    index, out = [], []
+    for group in by_shape.values():
+        for part in by_budget(group, lambda item: item[1][0].numel(), RESIZE_PIXELS):
+            out.append(resize_crop(torch.stack([image for _, image in part]), preprocess))
+            index += [i for i, _ in part]
+    return index, torch.cat(out) if out else None
+
+
+def supports_tensor_resize(preprocess: Preprocess) -> bool:
+    """Whether the resize can run on tensors (on a device) rather than on PIL images."""
+    return preprocess.interpolation in TENSOR_INTERPOLATIONS
+
+
+class Normalizer:
+    """uint8 batches to normalised float on the device (moving uint8 is 4x less traffic)."""
+
+    def __init__(self, preprocess: Preprocess, device: torch.device):
+        std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+        self.device = device
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()
+        return (x * self.scale - self.shift).contiguous(memory_format=torch.channels_last)
+
+
+def train_transform(preprocess: Preprocess) -> Callable:
+    """timm's training augmentation (random resized crop, flip, colour jitter) as uint8 tensors."""
+    return create_transform((3, *preprocess.input_size), is_training=True, use_prefetcher=True,
+                            interpolation=preprocess.interpolation, scale=CROP_SCALE)
