@@ -58,7 +58,8 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     and lossless for our purpose since the image is downscaled afterwards anyway.
     """
     if not Path(path).is_file():  # a FIFO or a device would block, or never end
-        raise UnreadableImage(f"{path}: not a regular file")
+        raise UnreadableImage(f"{path}: does not exist" if not Path(path).exists()
+                              else f"{path}: not a regular file (a folder, FIFO, socket or device)")
     try:
         with warnings.catch_warnings(), Image.open(path) as img:
             # A decompression-bomb warning becomes an error: a hostile file is skipped, not decoded.
