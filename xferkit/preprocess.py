@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from PIL import Image
 from timm.data import create_transform
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -56,11 +57,26 @@ class Preprocess:
 
 def image_to_tensor(path, preprocess: Preprocess) -> torch.Tensor:
     """Decode, resize the shorter side, centre-crop: a uint8 (3, H, W) tensor, not yet normalised."""
-    img = load_rgb(path, min_size=preprocess.resize_size)
-    img = TF.resize(img, preprocess.resize_size,
-                    interpolation=InterpolationMode(preprocess.interpolation), antialias=True)
-    img = TF.center_crop(img, list(preprocess.input_size))
-    return TF.pil_to_tensor(img)
+    return TF.pil_to_tensor(resized_centre(load_rgb(path, min_size=preprocess.resize_size), preprocess))
+
+
+def resized_centre(img: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """torchvision's ``center_crop(resize(img, resize_size))``, resampling only the pixels the crop keeps.
+
+    One PIL resize of the crop's source box gives the same pixels as resizing the whole image and
+    cropping it, without ever holding the whole resized image: a 20000x1 strip would otherwise
+    become 5 billion pixels long before the crop kept 224 of them.
+    """
+    w, h = img.size
+    size, (crop_h, crop_w) = preprocess.resize_size, preprocess.input_size
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    resample = TF.pil_modes_mapping[InterpolationMode(preprocess.interpolation)]
+    if crop_h > new_h or crop_w > new_w:  # the crop pads: the plain two steps
+        return TF.center_crop(img.resize((new_w, new_h), resample), [crop_h, crop_w])
+    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    return img.resize((crop_w, crop_h), resample, box=box)
 
 
 def resize_crop(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:

@@ -103,7 +103,7 @@ def compare(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptio
     unknown = sorted({*heads, *(head_params or {})} - set(head_names()))
     if unknown:  # before any work is done; a head that is known but breaks fails in its own row
         raise XferkitError(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(head_names())}.")
-    check_output_folder(output, force, marker=REPORT)
+    check_output_folder(output, force, marker=REPORT, own=None)  # its files are overwritten one by one
     for name in heads:
         check_output_folder(output / name, force=True)  # only an older model of this head is replaced
     splits, test_source = held_out_splits(data, val_split, test_split, seed, output)

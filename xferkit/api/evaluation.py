@@ -14,9 +14,12 @@ from xferkit.core.errors import XferkitError
 from xferkit.core.metrics import classification_metrics, confusion, per_class_report
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.io.data import expand_image_paths, read_image_folder
-from xferkit.io.files import atomic_write_bytes
+from xferkit.io.files import atomic_write_bytes, check_output_file
 from xferkit.model.models import TransferModel, load_model
 from xferkit.model.options import ExtractOptions
+
+#: How a predictions CSV begins.
+CSV_HEADER = b"path,label,probability,top_k"
 
 
 def loaded(model: str | Path | TransferModel) -> TransferModel:
@@ -57,6 +60,8 @@ def evaluate(model: str | Path | TransferModel, data: str | Path | None = None, 
              options: ExtractOptions = ExtractOptions(), plots: str | Path | None = None,
              reporter: Reporter = SILENT) -> Evaluation:
     """Score *model* on labelled *data* (default: its training data's ``test/``); PNGs go to ``plots``."""
+    if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
+        raise XferkitError(f"--plots {plots} is a file; give the folder to write the plots into.")
     model = loaded(model)
     data = Path(data) if data is not None else default_test_data(model)
     test = read_image_folder(data, min_classes=1).relabel(model.classes)
@@ -110,7 +115,7 @@ class PredictionResult:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         keys = list(self.predictions[0].uncertainty) if self.predictions else []
-        writer.writerow(["path", "label", "probability", "top_k", *keys])
+        writer.writerow([*CSV_HEADER.decode().split(","), *keys])
         for p in self.predictions:
             writer.writerow([p.path, p.label, f"{p.probability:.6f}",
                              ";".join(f"{c}:{q:.6f}" for c, q in p.top_k),
@@ -118,13 +123,31 @@ class PredictionResult:
         return buffer.getvalue()
 
     def write_csv(self, path: str | Path) -> Path:
+        """Write :meth:`to_csv` to *path*; an existing file is replaced only if it is such a CSV."""
+        check_output_file(Path(path), True, is_predictions_csv, "a predictions CSV")
         atomic_write_bytes(Path(path), self.to_csv().encode())
         return Path(path)
 
 
+def is_predictions_csv(path: Path) -> bool:
+    """Whether *path* starts like a CSV that ``predict`` wrote."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(CSV_HEADER)) == CSV_HEADER
+    except OSError:
+        return False
+
+
 def predict(model: str | Path | TransferModel, inputs: list[str | Path], *, top_k: int = 3,
-            options: ExtractOptions = ExtractOptions(), reporter: Reporter = SILENT) -> PredictionResult:
-    """Label each image (files, or folders of files); unreadable ones are listed as skipped."""
+            csv: str | Path | None = None, options: ExtractOptions = ExtractOptions(),
+            reporter: Reporter = SILENT) -> PredictionResult:
+    """Label each image (files, or folders of files); unreadable ones are listed as skipped.
+
+    ``csv`` also writes the predictions there (checked before any work: an existing file is
+    replaced only if it is a predictions CSV).
+    """
+    if csv is not None:
+        check_output_file(Path(csv), True, is_predictions_csv, "a predictions CSV")
     model = loaded(model)
     paths = expand_image_paths(inputs)
     out = model.predict(paths, options, reporter)
@@ -134,4 +157,7 @@ def predict(model: str | Path | TransferModel, inputs: list[str | Path], *, top_
         best = [(model.classes[c], float(out.proba[row, c])) for c in order[row]]
         rows.append(Prediction(paths[i], best[0][0], best[0][1], best,
                                {k: float(v[row]) for k, v in out.uncertainty.items()}))
-    return PredictionResult(rows, out.skipped)
+    result = PredictionResult(rows, out.skipped)
+    if csv is not None:
+        result.write_csv(csv)
+    return result

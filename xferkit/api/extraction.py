@@ -6,16 +6,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from xferkit.api.results import skipped_json
 from xferkit.backbones import create_backbone
-from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.features import Features, extract_features
 from xferkit.io.data import read_image_folder
-from xferkit.io.files import atomic_write_bytes
+from xferkit.io.files import atomic_write_bytes, check_output_file
 from xferkit.model.options import BackboneOptions, ExtractOptions
+
+
+def is_feature_file(path: Path) -> bool:
+    """Whether *path* is a safetensors file that ``extract`` wrote (its metadata says so)."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {"backbone", "classes", "paths"} <= set(f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
 
 
 @dataclass
@@ -38,10 +47,7 @@ def extract(data: str | Path, output: str | Path, *, backbone: BackboneOptions |
     """Save ``features``, ``labels`` (and, in the metadata, classes, paths and the backbone) of *data*."""
     backbone = BackboneOptions(backbone) if isinstance(backbone, str) else backbone
     output = Path(output)
-    if output.exists() and not force:
-        raise XferkitError(f"{output} already exists. Pass --force to overwrite it, or choose another file.")
-    if output.is_dir():
-        raise XferkitError(f"{output} is a folder; -o takes the safetensors file to write.")
+    check_output_file(output, force, is_feature_file, "a features file")
     images = read_image_folder(data)
     net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
                           backbone.image_size, reporter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xferkit.core.metrics import reliability_bins  # noqa: E402
+from xferkit.io.files import atomic_write_bytes  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Write *fig* as a PNG atomically (a full disk is a clear error, never half a file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return path
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:

@@ -28,7 +28,7 @@ from xferkit.api.results import write_json
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.io.data import LabelledImages, Splits, load_splits
-from xferkit.io.files import atomic_write_bytes
+from xferkit.io.files import atomic_write_bytes, write_error
 from xferkit.model.options import BackboneOptions, ExtractOptions, SplitOptions
 from xferkit.model.registry import head_class
 
@@ -61,10 +61,21 @@ def startup_trials(n_trials: int) -> int:
 def open_study(folder: Path, config: dict, seed: int = 0, n_startup: int = 10) -> optuna.Study:
     """The study journalled in *folder* (created if new); refuses a folder that tuned something else."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
-    study = optuna.create_study(study_name=STUDY, storage=storage, direction="minimize",
-                                load_if_exists=True)
+    journal = Path(folder) / JOURNAL
+    if folder.exists() and any(folder.iterdir()) and not journal.is_file():
+        raise XferkitError(f"{folder} exists and holds no {JOURNAL}: it is not a tune folder, and tune "
+                           "writes only into a new one or its own. Choose another folder with -o.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _drop_torn_record(journal)
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        study = optuna.create_study(study_name=STUDY, storage=storage, direction="minimize",
+                                    load_if_exists=True)
+    except OSError as err:
+        raise write_error(journal, err) from None
+    except (ValueError, KeyError, TypeError, AssertionError) as err:  # optuna on a damaged journal
+        raise XferkitError(f"{journal} is damaged ({type(err).__name__}: {str(err)[:80]}); move it away to "
+                           "start this tune afresh, or choose another folder with -o.") from None
     # seeded by the trials done, so a resumed run's random start-up trials do not repeat earlier ones
     study.sampler = optuna.samplers.GPSampler(seed=seed + len(finished_trials(study)),
                                               n_startup_trials=n_startup)
@@ -78,6 +89,15 @@ def open_study(folder: Path, config: dict, seed: int = 0, n_startup: int = 10) -
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)  # killed mid-trial: it will be run again
     return study
+
+
+def _drop_torn_record(journal: Path) -> None:
+    """A run killed while writing leaves half a line at the journal's end: cut it (trials stay complete)."""
+    if not journal.is_file():
+        return
+    data = journal.read_bytes()
+    if data and not data.endswith(b"\n"):
+        journal.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import huggingface_hub
 import torch
@@ -24,6 +28,8 @@ from torch import nn
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
 
+#: Seconds to wait for the weights server before saying the network is unreachable.
+CONNECT_TIMEOUT = 5.0
 #: File endings of weights that installed packages may ship.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -144,7 +150,24 @@ def installed_weight_files() -> dict[str, list[Path]]:
     return found
 
 
+def reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Whether *url*'s host accepts a connection within *timeout* seconds (name lookup included)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with ThreadPoolExecutor(1) as pool:  # getaddrinfo has no timeout of its own
+        future = pool.submit(socket.create_connection, (parts.hostname, port), timeout)
+        try:
+            future.result(timeout=timeout).close()
+            return True
+        except (OSError, FutureTimeout):
+            return False
+
+
 def _download(name: str, published: list[PublishedFile], reporter: Reporter) -> ResolvedWeights:
+    server = hf_constants.ENDPOINT if published[0].hf_hub_id else published[0].url
+    if not reachable(server):
+        raise missing_weights(name, str(published[0]), f"{urlsplit(server).hostname} cannot be reached "
+                              f"within {CONNECT_TIMEOUT:g} s (no network?)")
     reasons = []
     for candidate in published:
         reporter.note(f"weights for {name} are not cached: downloading {candidate} "

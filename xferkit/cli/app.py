@@ -67,7 +67,7 @@ app = typer.Typer(help="Repurpose pretrained CNNs for your own image classes.", 
 out = Console()
 
 
-def command(fn):
+def command(fn, group: typer.Typer | None = None):
     """Register *fn* as a command whose expected failures are one red line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -80,7 +80,7 @@ def command(fn):
             console.print("[yellow]interrupted: no model was saved (features extracted so far are "
                           "cached).[/]")
             raise typer.Exit(130) from None
-    return app.command(cls=_Command)(wrapper)
+    return (group or app).command(cls=_Command)(wrapper)
 
 
 def _print_json(data) -> None:
@@ -206,10 +206,8 @@ def predict(
     """Label new images, with probabilities, top-k labels and an uncertainty."""
     from xferkit.api import predict as run
 
-    result = run(model, images, top_k=top_k, options=_extract_options(device, batch_size, workers, no_cache,
-                                                                      strict), reporter=RichReporter())
-    if csv_path is not None:
-        result.write_csv(csv_path)
+    result = run(model, images, top_k=top_k, csv=csv_path, reporter=RichReporter(),
+                 options=_extract_options(device, batch_size, workers, no_cache, strict))
     if as_json:
         return _print_json(result.to_json())
     _report_skipped(result.skipped)
@@ -349,3 +347,62 @@ def tune(
         out.print(render.metrics_table(result.test_metrics, "test metrics of the refitted best model"))
     out.print(Text(f"saved {result.model_folder} (best configuration refitted on train+val); "
                    f"wrote {', '.join(result.files)}"))
+
+
+cache_app = typer.Typer(help="See, check and empty the feature cache ($XFERKIT_CACHE, default "
+                        "~/.cache/xferkit).", cls=_Group, no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheRoot = Annotated[Path | None, typer.Option("--cache-dir", metavar="FOLDER", help="The cache folder "
+                                                "(default: $XFERKIT_CACHE, else ~/.cache/xferkit).")]
+
+
+def _print_cache(report) -> None:
+    for entry in report.folders:
+        name = (entry.extractor or {}).get("name", "?")
+        out.print(Text(f"{entry.folder.name}  {name:<32} {entry.rows:>8} rows {entry.shards:>5} shards "
+                       f"{entry.bytes / 1e6:>9.1f} MB"))
+    total = report.to_json()
+    console.print(f"{len(report.folders)} extractor(s), {total['rows']} rows, {total['bytes'] / 1e6:.1f} MB "
+                  f"in {escape(str(report.root))}", highlight=False)
+
+
+def cache_command(fn):
+    """Register *fn* as a ``cache`` sub-command with the same error handling as the others."""
+    return command(fn, cache_app)
+
+
+@cache_command
+def info(root: CacheRoot = None, as_json: Json = False) -> None:
+    """What the cache holds, per extractor (backbone, weights, layer, preprocessing)."""
+    from xferkit.api import cache_info
+
+    report = cache_info(root)
+    _print_json(report.to_json()) if as_json else _print_cache(report)
+
+
+@cache_command
+def verify(root: CacheRoot = None, as_json: Json = False) -> None:
+    """Read and check every shard; damaged ones are dropped and their images extracted again when needed."""
+    from xferkit.api import cache_verify
+
+    report = cache_verify(root, reporter=RichReporter())
+    if as_json:
+        return _print_json(report.to_json())
+    _print_cache(report)
+    out.print(f"checked {report.checked} shard(s), dropped {report.dropped} damaged one(s)")
+
+
+@cache_command
+def clear(root: CacheRoot = None,
+          yes: Annotated[bool, typer.Option("--yes", metavar="", help="Do not ask to confirm.")] = False,
+          as_json: Json = False) -> None:
+    """Delete the cached features (only the folders xferkit wrote there)."""
+    from xferkit.api import cache_clear, cache_info
+
+    if not yes and not typer.confirm(f"delete {len(cache_info(root).folders)} extractor folder(s) of cached "
+                                     "features?", err=True):
+        raise typer.Exit(1)
+    report = cache_clear(root)
+    if as_json:
+        return _print_json(report.to_json())
+    out.print(f"removed {len(report.folders)} extractor folder(s), {report.removed_bytes / 1e6:.1f} MB")

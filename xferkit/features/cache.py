@@ -15,8 +15,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from xferkit.core.reporting import SILENT, Reporter
-from xferkit.io.files import atomic_write_bytes
+from xferkit.io.files import WriteError, atomic_write_bytes
 
 #: Bumped when the layout changes; folders of other formats are never read.
 CACHE_FORMAT = 2
@@ -82,9 +84,19 @@ class FeatureCache:
         self.extractor, self.width, self.reporter = extractor, width, reporter
         self.writable = True
 
+    @classmethod
+    def at(cls, folder: Path, width: int, reporter: Reporter = SILENT) -> FeatureCache:
+        """The cache of the extractor folder *folder* (for housekeeping: info, verify)."""
+        cache = cls(folder.parent, {}, width, reporter)
+        cache.folder = folder
+        return cache
+
     # --- reading -----------------------------------------------------------------------------------
     def lookup(self, keys: list[str | None]) -> dict[int, np.ndarray]:
-        """Cached feature rows by position in *keys*; damaged shards are dropped (and re-extracted)."""
+        """Cached feature rows by position in *keys*; damaged shards are dropped (and re-extracted).
+
+        The index only says which shards to open; each shard's own header says which row is which.
+        """
         wanted: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             if key is not None:
@@ -92,16 +104,21 @@ class FeatureCache:
         if not wanted or not self.folder.is_dir():
             return {}
         found: dict[int, np.ndarray] = {}
-        for shard, shard_keys in self.shards().items():
-            rows = [(row, key) for row, key in enumerate(shard_keys) if key in wanted]
-            if not rows:
+        shards = self.shards()
+        corrected = dict(shards)
+        for shard, shard_keys in shards.items():
+            if not any(key in wanted for key in shard_keys):
                 continue
-            table = self.read_shard(shard, shard_keys)
-            if table is None:
+            read = self.read_shard(shard)
+            if read is None:
+                corrected.pop(shard)
                 continue
-            for row, key in rows:
+            corrected[shard] = read[0]
+            for row, key in enumerate(read[0]):
                 for i in wanted.pop(key, ()):
-                    found[i] = table[row]
+                    found[i] = read[1][row]
+        if corrected != shards:  # the index was wrong about a shard: the shards' headers win
+            self._write_index(corrected)
         return found
 
     def shards(self) -> dict[str, list[str]]:
@@ -135,7 +152,7 @@ class FeatureCache:
         try:
             with safe_open(self.folder / name, framework="numpy") as f:
                 keys = json.loads((f.metadata() or {})["keys"])
-        except SHARD_ERRORS:  # any unreadable header means a damaged shard
+        except SHARD_ERRORS:  # an unreadable header means a damaged shard
             self._drop(name, "unreadable header")
             return None
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -143,26 +160,29 @@ class FeatureCache:
             return None
         return keys
 
-    def read_shard(self, name: str, keys: list[str]) -> np.ndarray | None:
-        """The shard's rows if they pass every check (shape, type, finite, checksum), else ``None``."""
+    def read_shard(self, name: str, any_width: bool = False) -> tuple[list[str], np.ndarray] | None:
+        """The shard's keys and rows if they pass every check (shape, type, finite, checksum), else None."""
         try:
             with safe_open(self.folder / name, framework="numpy") as f:
                 meta = f.metadata() or {}
                 table = f.get_tensor("features")
+            keys = json.loads(meta["keys"])
         except SHARD_ERRORS:  # truncated, garbled, missing: all mean "extract again"
             self._drop(name, "unreadable")
             return None
-        expected = (len(keys), self.width)
+        valid_keys = isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+        width = table.shape[-1] if any_width else self.width
+        expected = (len(keys), width) if valid_keys else None
         problem = (
+            "malformed key list" if not valid_keys else
             "not float32" if table.dtype != np.float32 else
             f"shape {table.shape}, expected {expected}" if table.shape != expected else
-            "keys differ from the index" if json.loads(meta.get("keys", "null")) != keys else
             "checksum mismatch" if meta.get("checksum") != _checksum(table) else
             "non-finite values" if not np.isfinite(table).all() else None)
         if problem:
             self._drop(name, problem)
             return None
-        return table
+        return keys, table
 
     def _drop(self, name: str, problem: str) -> None:
         self.reporter.warn(f"feature cache: dropped damaged shard {self.folder / name} ({problem}); "
@@ -182,14 +202,13 @@ class FeatureCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not (self.folder / "extractor.json").exists():
-                description = json.dumps(self.extractor, indent=2).encode()
+                description = json.dumps({**self.extractor, "width": self.width}, indent=2).encode()
                 atomic_write_bytes(self.folder / "extractor.json", description)
             atomic_write_bytes(self.folder / f"shard-{uuid.uuid4().hex}.safetensors",
                                safetensors_bytes({"features": features}, meta))
-        except OSError as err:
+        except (OSError, WriteError) as err:
             self.writable = False
-            self.reporter.warn(f"feature cache: cannot write to {self.folder} ({err.strerror or err}); "
-                               "going on without caching")
+            self.reporter.warn(f"feature cache: {err} Going on without caching.")
 
     def _write_index(self, shards: dict[str, list[str]]) -> None:
         """Best effort: the index only saves reading shard headers next time."""
@@ -197,5 +216,59 @@ class FeatureCache:
             return
         try:
             atomic_write_bytes(self.folder / "index.json", json.dumps({"shards": shards}).encode())
-        except OSError:
+        except WriteError:
             pass
+
+
+@dataclass
+class CacheFolder:
+    """One extractor's folder in the cache: what it holds and its size."""
+
+    folder: Path
+    extractor: dict | None
+    shards: int
+    rows: int
+    bytes: int
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "extractor": self.extractor, "shards": self.shards,
+                "rows": self.rows, "bytes": self.bytes}
+
+
+def cache_folders(root: Path) -> list[CacheFolder]:
+    """The extractor folders xferkit wrote under *root* (anything else there is not looked at)."""
+    found = []
+    for folder in sorted(Path(root).glob("*")) if Path(root).is_dir() else ():
+        if not (folder.is_dir() and re.fullmatch(r"[0-9a-f]{32}", folder.name)):
+            continue
+        try:
+            extractor = json.loads((folder / "extractor.json").read_text())
+        except (OSError, ValueError):
+            extractor = None
+        shards = [p for p in folder.glob("shard-*.safetensors") if SHARD_NAME.fullmatch(p.name)]
+        if extractor is None and not shards:
+            continue
+        rows = sum(len(keys) for keys in FeatureCache.at(folder, 0).shards().values())
+        found.append(CacheFolder(folder, extractor, len(shards), rows,
+                                 sum(p.stat().st_size for p in folder.iterdir() if p.is_file())))
+    return found
+
+
+def verify_cache(root: Path, reporter: Reporter = SILENT) -> tuple[int, int]:
+    """Read and check every shard under *root*; damaged ones are dropped. (shards checked, dropped)."""
+    checked = dropped = 0
+    for entry in cache_folders(root):
+        width = int((entry.extractor or {}).get("width", 0))
+        cache = FeatureCache.at(entry.folder, width, reporter)
+        for name in cache.shards():
+            checked += 1
+            dropped += cache.read_shard(name, any_width=not width) is None
+    return checked, dropped
+
+
+def clear_cache(root: Path) -> tuple[int, int]:
+    """Delete the extractor folders xferkit wrote under *root*: (folders, bytes) removed."""
+    entries = cache_folders(root)
+    for entry in entries:
+        shutil.rmtree(entry.folder, ignore_errors=True)
+    return len(entries), sum(entry.bytes for entry in entries)

@@ -18,6 +18,8 @@ from xferkit.preprocess import Preprocess, image_to_tensor
 #: Images a worker hands over at a time when several share a batch: decoded ones, or
 #: undecoded JPEGs (cheap to read, and the GPU decoder is faster on larger batches).
 CHUNK = {False: 32, True: 64}
+#: JPEGs longer than this many times their width (or wider than tall) are decoded on the CPU.
+MAX_DEVICE_ASPECT = 4
 
 
 class ImageTensors(Dataset):
@@ -48,6 +50,8 @@ class ExtractionItems(ImageTensors):
 
     def __getitem__(self, i: int):
         jpeg = read_jpeg(self.paths[i]) if self.device_jpegs else None
+        if jpeg is not None and max(jpeg.size) > MAX_DEVICE_ASPECT * min(jpeg.size):
+            jpeg = None  # resized whole on the device, a long strip would take gigabytes: the CPU crops first
         return (i, None, "", jpeg) if jpeg is not None else (*self.decode(i), None)
 
 
