@@ -70,6 +70,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise write_error(path, err) from None
 
 
+def exists(path: Path) -> bool:
+    """``path.exists()``, with a path the file system cannot even look up (a name too long) an error."""
+    try:
+        return Path(path).exists()
+    except OSError as err:
+        raise write_error(Path(path), err) from None
+
+
 def check_output_folder(target: Path, force: bool, marker: str = MODEL_MARKER,
                         own: frozenset[str] | None = MODEL_FILES) -> None:
     """Refuse an existing, non-empty *target* unless ``force`` is given and xferkit wrote it.
@@ -77,7 +85,7 @@ def check_output_folder(target: Path, force: bool, marker: str = MODEL_MARKER,
     xferkit wrote it when *marker* is there and (where *own* is given) nothing but *own* is.
     """
     target = Path(target)
-    if not target.exists() or target.is_dir() and not any(target.iterdir()):
+    if not exists(target) or target.is_dir() and not any(target.iterdir()):
         return
     if not force:
         raise XferkitError(f"{target} already exists. Pass --force to overwrite it, "
@@ -94,10 +102,10 @@ def check_output_folder(target: Path, force: bool, marker: str = MODEL_MARKER,
 def check_output_file(path: Path, force: bool, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse an existing *path* unless ``force`` is given and it is *what* xferkit wrote (``ours``)."""
     path = Path(path)
+    if not exists(path):
+        return
     if path.is_dir():
         raise XferkitError(f"{path} is a folder; give the {what} file to write.")
-    if not path.exists():
-        return
     if not force:
         raise XferkitError(f"{path} already exists. Pass --force to overwrite it, or choose another file.")
     if not ours(path):
