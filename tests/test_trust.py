@@ -7,7 +7,6 @@ import stat
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import TINY_BACKBONE, run_cli, separable_features, write_image_folder
 
@@ -50,7 +49,8 @@ class Recorder(Reporter):
 
 
 def test_a_head_that_does_not_learn_says_so(tmp_path):
-    options, backbone = ExtractOptions(workers=0), BackboneOptions(TINY_BACKBONE, pretrained=False, image_size=32)
+    options = ExtractOptions(workers=0)
+    backbone = BackboneOptions(TINY_BACKBONE, pretrained=False, image_size=32)
     colours = load_splits(write_image_folder(tmp_path / "colours", per_class=8), val_split=0.25)
     noise = write_image_folder(tmp_path / "noise", per_class=8)
     for name in ("green", "blue"):  # three classes of the same red noise: nothing to learn
@@ -58,7 +58,8 @@ def test_a_head_that_does_not_learn_says_so(tmp_path):
             (noise / name / f"{i}.png").write_bytes((noise / "red" / f"{(i + 3) % 8}.png").read_bytes())
     noise_splits = load_splits(noise, val_split=0.25)
     learned, silent = Recorder(), Recorder()
-    fit_model("lr", train=colours.train, val=colours.val, backbone=backbone, options=options, reporter=learned)
+    fit_model("lr", train=colours.train, val=colours.val, backbone=backbone, options=options,
+              reporter=learned)
     fit_model("lr", train=noise_splits.train, val=noise_splits.val, backbone=backbone, options=options,
               reporter=silent)
     assert not learned.warnings
@@ -81,7 +82,7 @@ def test_cache_command_shows_verifies_and_clears(image_folder, tmp_path):
     (cache / "not-xferkit").mkdir(parents=True)
     (cache / "not-xferkit" / "keep.txt").write_text("mine")
     run_cli("extract", image_folder, "-o", tmp_path / "f.safetensors", *TINY, "--json")
-    run_cli("extract", image_folder, "-o", tmp_path / "g.safetensors", *TINY, "--json")  # fills the default cache
+    run_cli("extract", image_folder, "-o", tmp_path / "g.safetensors", *TINY, "--json")  # the default cache
     info = json.loads(run_cli("cache", "info", "--json").stdout)
     assert info["rows"] == 30 and len(info["folders"]) == 1
     shard = next(Path(info["folders"][0]["folder"]).glob("shard-*"))

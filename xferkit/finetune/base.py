@@ -8,9 +8,12 @@ split for early stopping, and trains. ``save`` writes JSON and safetensors, neve
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import import_module
 from numbers import Integral, Real
@@ -56,10 +59,10 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
     #: Checked at the start of ``fit`` (subclasses add their own).
     _parameter_constraints: ClassVar[dict] = {
         "backbone": [str],
-        "image_size": [Interval(Integral, 1, None, closed="left"), None],
+        "image_size": [Interval(Integral, 8, 4096, closed="both"), None],  # as the CLI's --image-size
         "lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "epochs": [Interval(Integral, 1, 100_000, closed="both")],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "max_time": [Interval(Real, 0, None, closed="neither"), None],
         "patience": [Interval(Integral, 1, None, closed="left")],
@@ -178,36 +181,49 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
     def load(cls, folder: str | Path) -> PixelClassifier:
         """The trainer saved in *folder*, of the class its name is registered for (this one or a subclass).
 
-        Refuses base weights other than those it was trained on, where the network still uses them.
+        Both files are checked against what ``save`` writes before they are used; a file that does not
+        pass is an XferkitError naming it. Base weights other than those the model was trained on are
+        refused where the network still uses them. Nothing in the folder is executed.
         """
         folder = Path(folder)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-            state = load_file(folder / TENSORS)
-            name, info = manifest["name"], manifest["info"]
-            if not issubclass(trainer_class(name), cls):
+        meta_path, tensors_path = folder / MANIFEST, folder / TENSORS
+        with _blame(meta_path):
+            manifest = _read_json_object(meta_path)
+            name = manifest.get("name")
+            _require(isinstance(name, str) and name in PIXEL_TRAINERS,
+                     f"names an unknown pixel trainer {name!r}; known: {', '.join(PIXEL_TRAINERS)}")
+            estimator = trainer_class(name)
+            if not issubclass(estimator, cls):
                 raise XferkitError(f"{folder} holds a {name} model, not a {cls.name} one.")
-            trainer = trainer_class(name)(**manifest["params"])
-            classes = np.asarray(manifest["classes"], dtype=manifest["classes_dtype"])
-            recorded = info["backbone"]["weights_digest"]
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-            raise XferkitError(f"{folder} does not hold a readable pixel classifier ({err}).") from err
-        trainer._check_params()
-        backbone = trainer._create_backbone()
-        network = trainer._build_network(backbone, len(classes))
+            _expect_keys(manifest, ("name", "params", "classes", "classes_dtype", "info"))
+            params = manifest["params"]
+            _expect_keys(params, estimator().get_params(), "params")
+            _require(all(value.isprintable() for value in params.values() if isinstance(value, str)),
+                     "params hold a string with line breaks or control characters")
+            trainer = estimator(**params)
+            _checked(trainer._validate_params)
+            classes = _checked_classes(manifest["classes"], manifest["classes_dtype"])
+            info = manifest["info"]
+            _expect_keys(info, ("history", "backbone"), "info")
+            recorded = info["backbone"].get("weights_digest") if isinstance(info["backbone"], dict) else None
+            _require(isinstance(info["history"], dict) and isinstance(recorded, str)
+                     and re.fullmatch("[0-9a-f]{64}", recorded) is not None,
+                     "info must hold a history object and a backbone with its weights_digest (a sha256)")
+        try:
+            backbone = trainer._create_backbone()
+            network = trainer._build_network(backbone, len(classes))
+        except (XferkitError, RuntimeError) as err:  # timm refuses an unknown tag with a RuntimeError
+            raise XferkitError(f"{meta_path}: the network it describes cannot be built: {err}") from None
+        with _blame(tensors_path):
+            state = _read_tensors(tensors_path)
         if set(state) != set(network.state_dict()) and backbone.weights_digest != recorded:
             raise XferkitError(
                 f"the weights found for {backbone.name} ({backbone.weights_source}) are not the ones this "
-                f"model was trained on (sha256 {backbone.weights_digest[:12]}, recorded {recorded[:12]}). "
-                "Restore the original weights file, or train the model again on these weights.")
-        misfit = f"{folder / TENSORS} does not fit the {name} network its manifest describes"
-        differ = sorted(set(state) ^ set(network.learned_state()))
-        if differ:
-            raise XferkitError(f"{misfit} ({len(differ)} tensors missing or unexpected, e.g. {differ[0]}).")
-        try:
-            network.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # tensors of other shapes
-            raise XferkitError(f"{misfit} ({str(err).splitlines()[-1].strip()}).") from err
+                f"model was trained on (sha256 {backbone.weights_digest[:12]}, recorded {recorded[:12]} in "
+                f"{meta_path}). Restore the original weights file, or train the model again on them.")
+        with _blame(tensors_path):
+            _expect_tensors(state, network, f"the {name} network {MANIFEST} describes")
+        network.load_state_dict(state, strict=False)
         trainer.classes_, trainer.backbone_, trainer.history_ = classes, backbone, info["history"]
         trainer.network_ = network.eval()
         return trainer
@@ -219,6 +235,103 @@ def trainer_class(name: str) -> type[PixelClassifier]:
         raise XferkitError(f"unknown pixel trainer {name!r}; choose one of {', '.join(PIXEL_TRAINERS)}.")
     module, attribute = PIXEL_TRAINERS[name].split(":")
     return getattr(import_module(module), attribute)
+
+
+# --- checks of saved files: each raises _Damaged, which ``_blame`` turns into the user's error ---------
+# (the same checks as xferkit.heads.base's: the layers keep heads and pixel trainers apart)
+class _Damaged(Exception):
+    """Something in a saved trainer that ``save`` cannot have written; ``load`` names the file."""
+
+
+def _require(ok: bool, problem: str) -> None:
+    """Raise :class:`_Damaged` with *problem* unless *ok*: the one check every other one goes through."""
+    if not ok:
+        raise _Damaged(problem)
+
+
+def _checked(validate: Callable, *args) -> None:
+    """Run a scikit-learn parameter validation, its refusal a :class:`_Damaged`."""
+    try:
+        validate(*args)
+    except InvalidParameterError as err:
+        raise _Damaged(str(err)) from None
+
+
+@contextmanager
+def _blame(path: Path) -> Iterator[None]:
+    """Turn a :class:`_Damaged` raised inside into the XferkitError that names *path* and what to do."""
+    try:
+        yield
+    except _Damaged as err:
+        raise XferkitError(f"{path}: {str(err).rstrip('.')}; the model folder is damaged: "
+                           "repurpose the model again.") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in *path*."""
+    _require(path.is_file(), "no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _Damaged(f"cannot be read as JSON ({err})") from None
+    _require(isinstance(data, dict), f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _expect_keys(data, keys, where: str = "") -> None:
+    """*data* must be a JSON object with exactly *keys*."""
+    what = f"{where} " if where else ""
+    _require(isinstance(data, dict), f"{what or 'the file '}must be a JSON object")
+    missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
+    _require(not missing, f"{what}lacks {', '.join(missing)}")
+    _require(not unknown, f"{what}has unknown keys {', '.join(unknown)}")
+
+
+def _checked_classes(classes, dtype) -> np.ndarray:
+    """The labels *classes* as an array of *dtype*: distinct JSON scalars that survive the conversion."""
+    _require(isinstance(classes, list) and len(classes) >= 2 and all(map(_is_scalar, classes))
+             and len({json.dumps(c) for c in classes}) == len(classes),
+             "classes must be a list of at least two distinct labels")
+    try:
+        labels = np.array(classes, dtype=np.dtype(dtype))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise _Damaged(f"classes_dtype {dtype!r} cannot hold the classes ({err})") from None
+    _require(json.dumps(labels.tolist()) == json.dumps(classes),
+             f"the classes do not survive conversion to classes_dtype {dtype!r}")
+    return labels
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file *path* (a safetensors file holds no code, so reading it runs none)."""
+    _require(path.is_file(), "no such file")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError, TypeError, ValueError) as err:
+        raise _Damaged(f"is not a readable safetensors file ({err})") from None
+
+
+def _expect_tensors(state: dict[str, torch.Tensor], network: ImageClassifier, what: str) -> None:
+    """*state* must be exactly *network*'s learned tensors: shapes, dtypes, finite, variances >= 0."""
+    expected = network.learned_state()
+    differ = sorted(set(state) ^ set(expected))
+    _require(not differ, f"does not fit {what} ({len(differ)} tensors missing or unexpected: "
+                         f"{', '.join(differ[:3])})")
+    for key, want in expected.items():
+        got = state[key]
+        _require(got.shape == want.shape and got.dtype == want.dtype,
+                 f"tensor {key!r} is {got.dtype} of shape {tuple(got.shape)}, not {want.dtype} of shape "
+                 f"{tuple(want.shape)}")
+        _require(not got.is_floating_point() or bool(got.isfinite().all()),
+                 f"tensor {key!r} holds NaN or infinite values")
+    variances = {f"{name}.running_var" for name, module in network.named_modules()
+                 if getattr(module, "running_var", None) is not None}
+    negative = sorted(key for key in variances & set(state) if bool((state[key] < 0).any()))
+    _require(not negative, f"tensor {', '.join(negative[:1])!r} holds negative variances")
+
+
+def _is_scalar(value) -> bool:
+    """A JSON string, boolean, integer or finite number: what a label can be."""
+    return isinstance(value, (str, bool, int)) or isinstance(value, float) and math.isfinite(value)
 
 
 def _json_value(value):

@@ -9,17 +9,22 @@ the other rows of X (scikit-learn's checks compare predictions row by row and in
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import import_module
+from numbers import Integral
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import InvalidParameterError
+from sklearn.utils._param_validation import Interval, InvalidParameterError, validate_parameter_constraints
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -29,8 +34,28 @@ from xferkit.heads import FEATURE_HEADS
 
 #: ``progress(done, total, info)``: told how far ``fit`` has got (``info`` such as ``"loss 0.123"``).
 ProgressCallback = Callable[[int, int, str], None]
-#: A feature whose standard deviation is below this is constant: it is centred, not scaled up.
+#: A feature whose standard deviation is below this fraction of its mean's size is constant: it is
+#: centred, not scaled up (relative, as scikit-learn's StandardScaler: features of a random backbone
+#: can all be ~1e-9 and still separate the classes).
 CONSTANT_STD = 1e-6
+#: What ``save`` writes into a folder, and the keys of its JSON.
+META, ARRAYS = "head.json", "head.safetensors"
+META_KEYS = ("name", "params", "fitted", "classes", "classes_dtype", "n_features_in")
+#: The seeds :func:`draw_seed` draws, as a fitted scalar's constraint.
+SEED = [Interval(Integral, 0, np.iinfo(np.int32).max, closed="left")]
+
+
+class Damaged(Exception):
+    """Something in a saved head that ``save`` cannot have written; ``load`` names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """The shape (``None``: any length) and dtype of a saved array, and whether its floats must be finite."""
+
+    shape: tuple[int | None, ...]
+    dtype: type | np.dtype = np.float64
+    finite: bool = True
 
 
 class FeatureHead(ClassifierMixin, BaseEstimator):
@@ -38,12 +63,13 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
 
     Subclasses declare their hyper-parameters as keywords of ``__init__`` with
     ``_parameter_constraints``, learn in ``_fit``, and list what ``save`` keeps: the JSON scalars
-    in ``_fitted_scalars``, the arrays through ``_fitted_arrays`` / ``_restore_arrays``.
+    with their constraints in ``_fitted_scalars``, the arrays through ``_fitted_arrays`` /
+    ``_restore_arrays``, and what ``load`` accepts of them in ``_array_specs``.
     """
 
     name: ClassVar[str]
     _parameter_constraints: ClassVar[dict[str, list]] = {}
-    _fitted_scalars: ClassVar[tuple[str, ...]] = ()
+    _fitted_scalars: ClassVar[dict[str, list]] = {}
 
     def fit(self, X, y, *, progress: ProgressCallback | None = None) -> FeatureHead:
         """Learn from features *X* ``(n, d)`` and labels *y*; *progress* hears how training advances."""
@@ -58,7 +84,8 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y has one class ({self.classes_[0]!r}); a classifier needs at least two.")
         self.mean_ = X.mean(axis=0, dtype=np.float64)
         std = X.std(axis=0, dtype=np.float64)
-        self.scale_ = np.where(std < CONSTANT_STD, 1.0, std)
+        constant = std <= CONSTANT_STD * np.abs(self.mean_) + np.finfo(np.float64).tiny
+        self.scale_ = np.where(constant, 1.0, std)
         self._fit(X, y_index, progress or _ignore_progress)
         return self
 
@@ -98,6 +125,13 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         """The learned arrays ``save`` writes to ``head.safetensors`` (besides ``mean_`` and ``scale_``)."""
         raise NotImplementedError
 
+    def _array_specs(self, arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:  # pragma: no cover
+        """What ``_fitted_arrays`` writes for these parameters and fitted scalars, checked before a restore.
+
+        *arrays* are the saved ones, for sizes only they record; a head that reads them checks them first.
+        """
+        raise NotImplementedError
+
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:  # pragma: no cover - interface
         """Rebuild the learned state from ``_fitted_arrays`` (the JSON scalars are already set)."""
         raise NotImplementedError
@@ -108,45 +142,156 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean_, "scale": self.scale_, **self._fitted_arrays()}
-        save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()},
-                  folder / "head.safetensors")
+        # bytes, then a plain write: a full disk is an OSError the caller can name, not a SafetensorError
+        arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+        (folder / ARRAYS).write_bytes(safetensors_bytes(arrays))
         params = {key: _json_or_none(value) for key, value in self.get_params().items()}
         meta = {"name": self.name, "params": params,
                 "fitted": {key: _plain(getattr(self, key)) for key in self._fitted_scalars},
                 "classes": [_plain(label) for label in self.classes_.tolist()],
                 "classes_dtype": self.classes_.dtype.str, "n_features_in": int(self.n_features_in_)}
-        (folder / "head.json").write_text(json.dumps(meta, indent=2))
+        (folder / META).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> FeatureHead:
-        """The head saved in *folder*: on ``FeatureHead`` whichever head it is, on a subclass that one."""
+        """The head saved in *folder*: on ``FeatureHead`` whichever head it is, on a subclass that one.
+
+        Both files are checked against what ``save`` writes before anything is built from them; a
+        file that does not pass is an XferkitError naming it. Nothing in them is executed.
+        """
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / "head.json").read_text())
-            arrays = load_file(folder / "head.safetensors")
-            head = cls._class_to_load(meta["name"], folder)(**meta["params"])
-            head.classes_ = np.array(meta["classes"], dtype=meta["classes_dtype"])
-            head.n_features_in_ = int(meta["n_features_in"])
+        with _blame(folder / META):
+            meta = _read_json_object(folder / META)
+            estimator = cls._class_to_load(meta.get("name"), folder)
+            _expect_keys(meta, META_KEYS)
+            _expect_keys(meta["params"], estimator().get_params(), "params")
+            head = estimator(**meta["params"])
+            _checked(head._validate_params)
+            head.classes_ = _checked_classes(meta["classes"], meta["classes_dtype"])
+            head.n_features_in_ = meta["n_features_in"]
+            require(_is_integer(head.n_features_in_) and head.n_features_in_ > 0,
+                    f"n_features_in must be a positive integer, not {head.n_features_in_!r}")
+            _expect_keys(meta["fitted"], head._fitted_scalars, "fitted")
+            _checked(validate_parameter_constraints, head._fitted_scalars, meta["fitted"],
+                     type(head).__name__)
+            for key, value in meta["fitted"].items():
+                setattr(head, key, value)
+        with _blame(folder / ARRAYS):
+            arrays = _read_arrays(folder / ARRAYS)
+            statistics = {key: ArraySpec((head.n_features_in_,)) for key in ("mean", "scale")}
+            expect_arrays(arrays, statistics, complete=False)
+            expect_arrays(arrays, {**statistics, **head._array_specs(arrays)})
+            require(bool((arrays["scale"] > 0).all()), "array 'scale' holds values <= 0")
             head.mean_, head.scale_ = arrays.pop("mean"), arrays.pop("scale")
-            for key in head._fitted_scalars:
-                setattr(head, key, meta["fitted"][key])
             head._restore_arrays(arrays)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
-            reason = f"{type(err).__name__}: {err}"
-            raise XferkitError(f"{folder} does not hold a readable head ({reason}).") from err
         return head
 
     @classmethod
-    def _class_to_load(cls, name: str, folder: Path) -> type[FeatureHead]:
+    def _class_to_load(cls, name: Any, folder: Path) -> type[FeatureHead]:
         """The class of a saved *name* head: any registered one for ``FeatureHead``, else *cls* itself."""
         if cls is not FeatureHead:
             if name != cls.name:
                 raise XferkitError(f"{folder} holds a {name!r} head, not a {cls.name!r} one.")
             return cls
-        if name not in FEATURE_HEADS:
-            raise XferkitError(f"{folder} holds an unknown head {name!r}; known: {', '.join(FEATURE_HEADS)}.")
+        require(isinstance(name, str) and name in FEATURE_HEADS,
+                f"holds an unknown head {name!r}; known: {', '.join(FEATURE_HEADS)}")
         module, attribute = FEATURE_HEADS[name].split(":")
         return getattr(import_module(module), attribute)
+
+
+# --- checks of saved files: each raises Damaged, which ``_blame`` turns into the user's error ---------
+def require(ok: bool, problem: str) -> None:
+    """Raise :class:`Damaged` with *problem* unless *ok*: the one check every other one goes through."""
+    if not ok:
+        raise Damaged(problem)
+
+
+def _checked(validate: Callable, *args) -> None:
+    """Run a scikit-learn parameter validation, its refusal a :class:`Damaged`."""
+    try:
+        validate(*args)
+    except InvalidParameterError as err:
+        raise Damaged(str(err)) from None
+
+
+@contextmanager
+def _blame(path: Path) -> Iterator[None]:
+    """Turn a :class:`Damaged` raised inside into the XferkitError that names *path* and what to do."""
+    try:
+        yield
+    except Damaged as err:
+        raise XferkitError(f"{path}: {str(err).rstrip('.')}; the model folder is damaged: "
+                           "repurpose the model again.") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in *path*."""
+    require(path.is_file(), "no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise Damaged(f"cannot be read as JSON ({err})") from None
+    require(isinstance(data, dict), f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _expect_keys(data: Any, keys, where: str = "") -> None:
+    """*data* must be a JSON object with exactly *keys*."""
+    what = f"{where} " if where else ""
+    require(isinstance(data, dict), f"{what or 'the file '}must be a JSON object")
+    missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
+    require(not missing, f"{what}lacks {', '.join(missing)}")
+    require(not unknown, f"{what}has unknown keys {', '.join(unknown)}")
+
+
+def _checked_classes(classes: Any, dtype: Any) -> np.ndarray:
+    """The labels *classes* as an array of *dtype*: distinct JSON scalars that survive the conversion."""
+    require(isinstance(classes, list) and len(classes) >= 2 and all(map(_is_scalar, classes))
+            and len({json.dumps(c) for c in classes}) == len(classes),
+            "classes must be a list of at least two distinct labels")
+    try:
+        labels = np.array(classes, dtype=np.dtype(dtype))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise Damaged(f"classes_dtype {dtype!r} cannot hold the classes ({err})") from None
+    require(json.dumps([_plain(c) for c in labels.tolist()]) == json.dumps(classes),
+            f"the classes do not survive conversion to classes_dtype {dtype!r}")
+    return labels
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of safetensors file *path* (a safetensors file holds no code, so reading it runs none)."""
+    require(path.is_file(), "no such file")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError, TypeError, ValueError) as err:
+        raise Damaged(f"is not a readable safetensors file ({err})") from None
+
+
+def expect_arrays(arrays: dict[str, np.ndarray], specs: dict[str, ArraySpec], complete: bool = True) -> None:
+    """*arrays* must hold *specs*' arrays (and no other, when *complete*), each of its shape and dtype."""
+    missing = sorted(set(specs) - set(arrays))
+    unknown = sorted(set(arrays) - set(specs)) if complete else []
+    require(not missing, f"lacks the arrays {', '.join(missing)}")
+    require(not unknown, f"has unexpected arrays {', '.join(unknown)}")
+    for key, spec in specs.items():
+        array, dtype = arrays[key], np.dtype(spec.dtype)
+        fits = len(array.shape) == len(spec.shape) and all(
+            want is None or want == got for want, got in zip(spec.shape, array.shape, strict=True))
+        shape = tuple("n" if n is None else n for n in spec.shape)
+        require(fits and array.dtype == dtype, f"array {key!r} is {array.dtype} of shape {array.shape}, "
+                                               f"not {dtype} of shape {shape}")
+        require(not spec.finite or array.dtype.kind != "f" or bool(np.isfinite(array).all()),
+                f"array {key!r} holds NaN or infinite values")
+
+
+def _is_integer(value: Any) -> bool:
+    """A JSON integer, not a boolean."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A JSON string, boolean, integer or finite number: what a label can be."""
+    return isinstance(value, (str, bool, int)) or isinstance(value, float) and math.isfinite(value)
 
 
 def _plain(value: Any) -> Any:

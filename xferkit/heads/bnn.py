@@ -18,7 +18,7 @@ from torch import nn
 
 from xferkit.core.devices import resolve_device
 from xferkit.core.metrics import predictive_entropy
-from xferkit.heads.base import FeatureHead, ProgressCallback, draw_seed
+from xferkit.heads.base import SEED, ArraySpec, FeatureHead, ProgressCallback, draw_seed
 
 #: Examples per gradient step.
 BATCH_SIZE = 128
@@ -124,14 +124,14 @@ class BNNHead(FeatureHead):
 
     name = "bnn"
     _parameter_constraints = {
-        "hidden": [Interval(Integral, 0, None, closed="left")],
+        "hidden": [Interval(Integral, 0, 1 << 14, closed="both")],
         "prior_std": [Interval(Real, 0, None, closed="neither")],
-        "mc_samples": [Interval(Integral, 1, None, closed="left")],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "mc_samples": [Interval(Integral, 1, 10_000, closed="both")],
+        "epochs": [Interval(Integral, 1, 100_000, closed="both")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "random_state": ["random_state"],
     }
-    _fitted_scalars = ("seed_",)
+    _fitted_scalars = {"seed_": SEED}
 
     def __init__(self, hidden: int = 0, *, prior_std: float = 1.0, mc_samples: int = 32, epochs: int = 200,
                  lr: float = 0.01, random_state: int | None = None):
@@ -205,6 +205,13 @@ class BNNHead(FeatureHead):
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         return {f"net.{k}": v.cpu().numpy() for k, v in self.net_.state_dict().items()}
+
+    def _array_specs(self, arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Each layer's posterior: means and rhos of weights ``(out, in)`` and biases ``(out,)``, float32."""
+        sizes = [self.n_features_in_, *([self.hidden] if self.hidden else []), len(self.classes_)]
+        return {f"net.layers.{i}.{part}_{stat}": ArraySpec(shape, np.float32)
+                for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+                for part, shape in (("weight", (n_out, n_in)), ("bias", (n_out,))) for stat in ("mu", "rho")}
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.device_ = resolve_device("auto")

@@ -33,7 +33,15 @@ from xferkit.core.calibration import fit_temperature, temper
 from xferkit.core.devices import resolve_device
 from xferkit.core.errors import InvalidParameter
 from xferkit.core.metrics import predictive_entropy
-from xferkit.heads.base import FeatureHead, ProgressCallback, draw_seed
+from xferkit.heads.base import (
+    SEED,
+    ArraySpec,
+    FeatureHead,
+    ProgressCallback,
+    draw_seed,
+    expect_arrays,
+    require,
+)
 
 #: ``method="auto"`` fits the exact GP up to this many training examples, an SVGP beyond.
 EXACT_MAX_N = 2000
@@ -41,6 +49,8 @@ EXACT_MAX_N = 2000
 PREDICT_SAMPLES = 256
 #: SVGP minibatch size; also the chunk size for prediction.
 BATCH_SIZE = 256
+#: The prefix of the SVGP's inducing points and variational parameters in its state dict.
+SVGP_STATE = "model.variational_strategy.base_variational_strategy."
 #: SVGP training stops once the mean epoch loss of the last WINDOW epochs is within this relative
 #: amount of the WINDOW before (the exact GP's L-BFGS has its own convergence test).
 CONVERGED, WINDOW = 1e-3, 10
@@ -107,16 +117,21 @@ class GPHead(FeatureHead):
     name = "gp"
     _parameter_constraints = {
         "method": [StrOptions({method.value for method in GPMethod})],
-        "inducing": [Interval(Integral, 1, None, closed="left")],
+        "inducing": [Interval(Integral, 1, 20_000, closed="both")],
         "dim": [Interval(Integral, 1, None, closed="left"), None],
         "ard": ["boolean"],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "epochs": [Interval(Integral, 1, 100_000, closed="both")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "alpha_epsilon": [Interval(Real, 0, None, closed="neither")],
         "temperature": [Interval(Real, 0, None, closed="neither"), None],
         "random_state": ["random_state"],
     }
-    _fitted_scalars = ("method_", "temperature_", "epochs_", "seed_")
+    _fitted_scalars = {
+        "method_": [StrOptions({GPMethod.exact.value, GPMethod.svgp.value})],
+        "temperature_": [Interval(Real, 0, None, closed="neither")],
+        "epochs_": [Interval(Integral, 0, None, closed="left")],
+        "seed_": SEED,
+    }
 
     def __init__(self, method: str = "auto", *, inducing: int = 256, dim: int | None = None,
                  ard: bool = False, epochs: int = 100, lr: float = 0.1, alpha_epsilon: float = 0.01,
@@ -190,8 +205,11 @@ class GPHead(FeatureHead):
 
     # --- models ----------------------------------------------------------------------------------
     def _build(self, d: int, train: tuple[torch.Tensor, torch.Tensor] | None = None,
-               inducing: torch.Tensor | None = None):
-        """The exact model conditions on *train* (inputs, class indices); the SVGP starts at *inducing*."""
+               inducing: torch.Tensor | None = None, device: torch.device | None = None):
+        """The exact model conditions on *train* (inputs, class indices); the SVGP starts at *inducing*.
+
+        It lives on *device*, by default the head's own.
+        """
         n_classes, ard_dims = len(self.classes_), d if self.ard else None
         if self.method_ == "exact":
             Z, targets = train
@@ -201,7 +219,7 @@ class GPHead(FeatureHead):
         else:
             model = _SVGP(inducing, n_classes, ard_dims)
             model.likelihood = SoftmaxLikelihood(num_classes=n_classes, mixing_weights=False)
-        return model.to(self.device_)
+        return model.to(device or self.device_)
 
     def _train_exact(self, Z: torch.Tensor, progress: ProgressCallback) -> None:
         """L-BFGS on the exact marginal likelihood of the Dirichlet-transformed labels.
@@ -319,6 +337,36 @@ class GPHead(FeatureHead):
             arrays.update({"train_inputs": self.model_.train_inputs[0].cpu().numpy(),
                            "train_targets": self.targets_.cpu().numpy()})
         return arrays
+
+    def _array_specs(self, arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """The projection, the training set (exact) or the inducing points (SVGP), and the GP's state.
+
+        The arrays that carry the large sizes (n, dim, inducing) are checked first; the GP built for
+        the shapes of the rest is then a small one, on the CPU.
+        """
+        k, d = len(self.classes_), self.n_features_in_ if self.dim is None else self.dim
+        sized = {"projection": ArraySpec((self.n_features_in_, d))} if self.dim is not None else {}
+        if self.method_ == "exact":
+            expect_arrays(arrays, {"train_targets": ArraySpec((None,), np.int64)}, complete=False)
+            targets = arrays["train_targets"]
+            require(np.array_equal(np.unique(targets), np.arange(k)),
+                    f"array 'train_targets' must hold every class index from 0 to {k - 1} and no other")
+            sized |= {"train_inputs": ArraySpec((len(targets), d)),
+                      "train_targets": ArraySpec(targets.shape, np.int64)}
+            small = {"train": (torch.zeros(k, d), torch.arange(k))}
+        else:
+            m = self.inducing
+            sized |= {f"{SVGP_STATE}inducing_points": ArraySpec((m, d)),
+                      f"{SVGP_STATE}_variational_distribution.variational_mean": ArraySpec((k, m)),
+                      f"{SVGP_STATE}_variational_distribution.chol_variational_covar": ArraySpec((k, m, m))}
+            small = {"inducing": torch.zeros(1, d)}
+        expect_arrays(arrays, sized, complete=False)
+        template = self._build(d, **small, device=torch.device("cpu")).double()
+        saved = {f"model.{key}": np.ascontiguousarray(value.numpy())  # as save writes them: at least 1-D
+                 for key, value in template.state_dict().items()}
+        state = {key: ArraySpec(value.shape, value.dtype, bool(np.isfinite(value).all()))
+                 for key, value in saved.items()}
+        return {**state, **sized}
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.device_ = resolve_device("auto")

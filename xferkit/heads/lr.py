@@ -24,7 +24,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from xferkit.core.devices import resolve_device
 from xferkit.core.errors import InvalidParameter
 from xferkit.heads._lbfgs import lbfgs_multinomial
-from xferkit.heads.base import FeatureHead, ProgressCallback, stratified_holdout
+from xferkit.heads.base import ArraySpec, FeatureHead, ProgressCallback, stratified_holdout
 
 #: Regularisation strengths tried on the held-out part when ``C`` is not given.
 C_GRID = tuple(10.0 ** k for k in range(-4, 3))
@@ -82,12 +82,16 @@ class LogisticHead(FeatureHead):
     _parameter_constraints = {
         "C": [Interval(Real, 0, None, closed="neither"), None],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, 100_000, closed="both")],
         "solver": [StrOptions(set(SOLVERS))],
         "device": [str],
         "random_state": ["random_state"],
     }
-    _fitted_scalars = ("C_", "solver_", "n_iter_")
+    _fitted_scalars = {
+        "C_": [Interval(Real, 0, None, closed="neither")],
+        "solver_": [StrOptions({"torch", "sklearn"})],
+        "n_iter_": [Interval(Integral, 0, None, closed="left")],
+    }
 
     def __init__(self, C: float | None = None, *, validation_fraction: float = 0.2, max_iter: int = 1000,
                  solver: str = "auto", device: str = "auto", random_state: int | None = None):
@@ -150,6 +154,11 @@ class LogisticHead(FeatureHead):
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "intercept": self.intercept_}
+
+    def _array_specs(self, arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """``coef`` and ``intercept`` in float64: one row for two classes, else one a class."""
+        rows = 1 if len(self.classes_) == 2 else len(self.classes_)
+        return {"coef": ArraySpec((rows, self.n_features_in_)), "intercept": ArraySpec((rows,))}
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]

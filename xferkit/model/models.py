@@ -28,10 +28,13 @@ from xferkit.finetune.base import PixelClassifier
 from xferkit.heads.base import FeatureHead
 from xferkit.io.data import LabelledImages
 from xferkit.io.files import atomic_folder
-from xferkit.model.manifest import MANIFEST, Manifest, read_manifest
+from xferkit.model.manifest import MANIFEST, Manifest, damaged, read_manifest
 from xferkit.model.options import BackboneOptions, ExtractOptions
 from xferkit.model.registry import create_head, head_kind, head_params
 from xferkit.preprocess import Preprocess
+
+#: Validation accuracy less than this above always answering the commonest class means "did not learn".
+NEAR_CHANCE = 0.05
 
 
 @dataclass
@@ -98,6 +101,12 @@ class TransferModel(ABC):
             self.calibration = calibrate(proba, y)
             proba = temper(proba, self.calibration.temperature)
         self.metrics = classification_metrics(y, proba)
+        chance, accuracy = np.bincount(y).max() / len(y), self.metrics["accuracy"]
+        if accuracy < chance + NEAR_CHANCE:
+            reporter.warn(f"the {self.head} head did not learn: validation accuracy {accuracy:.2f} is about "
+                          f"what always answering the commonest class gets ({chance:.2f}). Try lr "
+                          "(the robust default), another --learning-rate or more --epochs, or check the data "
+                          "and the backbone's weights.")
         return feats.skipped
 
     # --- persistence -------------------------------------------------------------------------------
@@ -162,12 +171,18 @@ class FeatureModel(TransferModel):
 
     @classmethod
     def _load(cls, folder: Path, manifest: Manifest) -> FeatureModel:
-        spec = manifest.backbone
-        backbone = create_backbone(spec["name"], spec["weights_file"], spec["pretrained"], spec["layer"])
+        spec, path = manifest.backbone, folder / MANIFEST
+        try:
+            backbone = create_backbone(spec["name"], spec["weights_file"], spec["pretrained"], spec["layer"])
+        except (XferkitError, RuntimeError) as err:  # timm refuses an unknown tag with a RuntimeError
+            raise XferkitError(f"{path}: the backbone it records cannot be built: {err}") from None
         check_same_weights(backbone.weights_digest, spec["weights_digest"], spec["name"],
-                           backbone.weights_source)
-        backbone = replace(backbone, preprocess=Preprocess.from_json(spec["preprocess"]))
-        return cls(backbone, FeatureHead.load(folder))
+                           backbone.weights_source, path)
+        head = FeatureHead.load(folder)
+        if head.n_features_in_ != backbone.num_features:
+            raise damaged(path, f"does not match the saved head: its backbone gives {backbone.num_features} "
+                                f"features, the head in head.json takes {head.n_features_in_}")
+        return cls(replace(backbone, preprocess=Preprocess.from_json(spec["preprocess"])), head)
 
 
 class NetworkModel(TransferModel):
@@ -223,27 +238,29 @@ def fit_model(head: str, params: dict | None = None, *, backbone: BackboneOption
 
 
 def load_model(folder: str | Path) -> TransferModel:
-    """Rebuild the model saved in *folder* (checking its weights and classes); never runs code from it."""
+    """Rebuild the model saved in *folder*, each file checked before use; never runs code from it."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest.kind not in MODEL_TYPES:
-        raise XferkitError(f"{folder / MANIFEST} names an unknown model kind {manifest.kind!r}.")
     model = MODEL_TYPES[manifest.kind]._load(folder, manifest)
-    if model.head != manifest.head or model.classes != list(manifest.classes):
-        raise XferkitError(f"{folder}: {MANIFEST} does not match the saved head (head {manifest.head!r} with "
-                           f"classes {manifest.classes} in the manifest, {model.head!r} with {model.classes} "
-                           "in head.json). The folder was edited or mixed up: repurpose the model again.")
+    params = _jsonable(model.estimator.get_params())
+    for what, recorded, saved in (("head names", manifest.head, model.head),
+                                  ("classes", manifest.classes, model.classes),
+                                  ("head params", manifest.head_params, params)):
+        if recorded != saved:
+            raise damaged(folder / MANIFEST, f"does not match the saved head: the {what} differ between "
+                                             f"{MANIFEST} and head.json (the folder was edited or mixed up)")
     model.calibration = Calibration(**manifest.calibration) if manifest.calibration else None
     model.metrics, model.info = manifest.validation_metrics, manifest.info
     return model
 
 
-def check_same_weights(found: str, recorded: str, name: str, source: str) -> None:
-    """Refuse weights other than those a model was trained on."""
+def check_same_weights(found: str, recorded: str, name: str, source: str, record: Path) -> None:
+    """Refuse weights other than those a model was trained on (as *record* records them)."""
     if found != recorded:
         raise XferkitError(
             f"the weights found for {name} ({source}) are not the ones this model was trained on "
-            f"(digest {found[:12]} here, {recorded[:12]} recorded). Restore the original weights file.")
+            f"(digest {found[:12]} here, {recorded[:12]} recorded in {record}). Restore the original weights "
+            "file.")
 
 
 def _with_run_params(head: str, params: dict, backbone: BackboneOptions, options: ExtractOptions,
