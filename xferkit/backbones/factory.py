@@ -58,7 +58,11 @@ def _timm_model(name: str, weights, pretrained: bool, reporter: Reporter):
     arch = timm.models.split_model_name_tag(name)[0]
     if not timm.is_model(arch):
         raise _unknown(name, timm.list_models())
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as err:  # timm's answer to an unknown pretrained tag such as resnet18.x
+        raise XferkitError(f"unknown backbone {name!r}: {str(err).splitlines()[0]} "
+                           "`xferkit backbones PATTERN --published` lists the tagged names.") from None
     resolved = resolve_weights(name, timm_published(model.pretrained_cfg), weights, pretrained, reporter)
     if weights is not None:
         classifier = model.pretrained_cfg.get("classifier") or ()
