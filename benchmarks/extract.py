@@ -4,12 +4,14 @@
 
 Generates (or reuses) a folder of photo-like JPEGs of mixed sizes (640x480 up to 12 megapixels,
 several classes), then measures images/s, in one process and on the same files, of
-(1) the backbone alone on tensors already in memory (the ceiling), (2) the naive pipeline
-(torchvision ImageFolder + PIL transforms + DataLoader(num_workers=cores)) and (3) xferkit's
-``extract_features`` (the path ``repurpose`` runs, cache disabled). All three run the backbone
-the same way (xferkit's ``inference_model``), so the ratios measure the input pipeline. Peak
-memory (PSS of the process and its workers) is sampled during each phase; xferkit runs again on
-a quarter of the images to show that its peak does not grow with their number.
+(1) the backbone alone on tensors already in memory (the ceiling: the faster of torch's default
+threads and xferkit's thread budget), (2) the naive pipeline (torchvision ImageFolder + PIL
+transforms + DataLoader(num_workers=cores)) and (3) xferkit's ``extract_features`` (the path
+``repurpose`` runs, cache disabled); ``--decoders N`` adds the CPU decoders' table (decoders.py).
+All three run the backbone the same way (xferkit's ``inference_model``), so the ratios measure
+the input pipeline. Peak memory (PSS of the process and its workers) is sampled during each
+phase; xferkit runs again on a quarter of the images to show that its peak does not grow with
+their number.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from xferkit.backbones import create_backbone
-from xferkit.core.devices import available_cores, resolve_device
+from xferkit.core.devices import available_cores, default_workers, resolve_device
+from xferkit.core.threads import thread_budget
 from xferkit.features import extract_features
 from xferkit.features.extract import inference_context, inference_model
 
@@ -189,8 +192,15 @@ def run(args: argparse.Namespace) -> dict:
               "torch_threads": torch.get_num_threads(), "machine": _machine(device)}
     phases = {}
     with PeakMemory() as mem:
-        phases["ceiling"] = time_ceiling(model, device, len(paths), batch_size, preprocess.input_size)
+        phases["ceiling_default_threads"] = time_ceiling(model, device, len(paths), batch_size,
+                                                         preprocess.input_size)
     result["peak_mb_ceiling"] = mem.peak_mb
+    workers = default_workers(device) if args.workers is None else args.workers
+    with thread_budget(workers) as threads:
+        phases["ceiling_budget_threads"] = time_ceiling(model, device, len(paths), batch_size,
+                                                        preprocess.input_size)
+    result["budget_threads"] = threads
+    phases["ceiling"] = max(phases["ceiling_default_threads"], phases["ceiling_budget_threads"])
     with PeakMemory() as mem:
         phases["naive"] = time_naive(model, device, root, batch_size, preprocess)
     result["peak_mb_naive"] = mem.peak_mb
@@ -207,6 +217,11 @@ def run(args: argparse.Namespace) -> dict:
     result["images_per_s"] = {k: round(v, 2) for k, v in phases.items()}
     result["xferkit_over_ceiling"] = round(phases["xferkit"] / phases["ceiling"], 3)
     result["xferkit_over_naive"] = round(phases["xferkit"] / phases["naive"], 3)
+    if args.decoders:
+        import decoders
+
+        result["decoders_images"] = min(args.decoders, len(paths))
+        result["decoders"] = decoders.measure(paths[:args.decoders], preprocess)
     return result
 
 
@@ -226,8 +241,10 @@ def print_table(r: dict) -> None:
     print(f"\n{r['backbone']} on {r['device']} - {r['images']} JPEGs ({r['sizes']}, mean "
           f"{r['megapixels_mean']} MP), batch {r['batch_size']}\n{r['machine']}\n")
     print("| path | images/s | peak memory (MB) |\n| --- | ---: | ---: |")
-    print(f"| 1. backbone alone, tensors in memory (ceiling) | {ips['ceiling']:.1f} | "
-          f"{r['peak_mb_ceiling']} |")
+    print(f"| 1. backbone alone, tensors in memory, torch's default {r['torch_threads']} threads | "
+          f"{ips['ceiling_default_threads']:.1f} | {r['peak_mb_ceiling']} |")
+    print(f"| 1b. the same within xferkit's thread budget ({r['budget_threads']}) | "
+          f"{ips['ceiling_budget_threads']:.1f} | |")
     print(f"| 2. naive: ImageFolder + PIL + DataLoader({r['cores']} workers) | {ips['naive']:.1f} | "
           f"{r['peak_mb_naive']} |")
     print(f"| 3. xferkit extract_features (no cache) | {ips['xferkit']:.1f} | {r['peak_mb_xferkit']} "
@@ -235,7 +252,11 @@ def print_table(r: dict) -> None:
     if "xferkit_cpu_decode" in ips:
         print(f"| 3b. the same, JPEGs decoded by the CPU workers (decode='workers') | "
               f"{ips['xferkit_cpu_decode']:.1f} | |")
-    print(f"\n3/1 = {r['xferkit_over_ceiling']:.2f}   3/2 = {r['xferkit_over_naive']:.2f}")
+    print(f"\n3/max(1, 1b) = {r['xferkit_over_ceiling']:.2f}   3/2 = {r['xferkit_over_naive']:.2f}")
+    if "decoders" in r:
+        import decoders
+
+        decoders.print_table(r["decoders"], f"CPU decoders, first {r['decoders_images']} of these JPEGs")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="mixed: 0.3-12 MP photos; small: 500x375, like the issue's first run")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder for the generated JPEGs (default: $TMPDIR/xferkit-bench-SIZES)")
+    parser.add_argument("--decoders", type=int, default=0, metavar="N",
+                        help="also time the CPU decoders (decoders.py) on the first N of the JPEGs")
     parser.add_argument("--json", type=Path, default=Path("extract-benchmark.json"))
     args = parser.parse_args(argv)
     result = run(args)

@@ -8,13 +8,19 @@ the best objective reached, so speed is compared at equal precision. scikit-lear
 default tolerance (what the old head did, far from the optimum here) and with a tight one. With
 ``--grid`` sizes the head also picks C on a validation split (seven values, fitted together)
 against scikit-learn fitting the seven one by one.
+
+The thread table fits each feature head (lr, gp, bnn, as ``repurpose`` runs them) on features of
+sample_data's size (400x1280, 10 classes), side by side in this process: with the libraries'
+default threads, within xferkit's thread budget (what ``repurpose`` uses) and on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
+from xferkit.core.threads import thread_budget, thread_count
 from xferkit.heads.lr import C_GRID, LogisticHead
+from xferkit.model.registry import create_head
+
+#: Thread settings of the thread table: the libraries' defaults, xferkit's budget, one thread.
+THREAD_SETTINGS = {"one": lambda: thread_budget(threads=1), "budget": thread_budget, "default": nullcontext}
 
 
 def cnn_like_features(n: int, dim: int, n_classes: int, seed: int = 0, separation: float = 4.0
@@ -111,22 +122,69 @@ def bench(n: int, dim: int, n_classes: int, device: str, max_iter: int, grid: bo
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def bench_threads(n: int, dim: int, n_classes: int, heads: list[str]) -> list[dict]:
+    """Seconds of each head's fit under each of :data:`THREAD_SETTINGS`, and their ratios to the budget."""
+    X, y = cnn_like_features(n, dim, n_classes)
+    rows = []
+    for name in heads:
+        seconds = {}
+        for setting, limits in THREAD_SETTINGS.items():
+            with limits():
+                start = time.perf_counter()
+                create_head(name, random_state=0).fit(X, y)
+                seconds[setting] = round(time.perf_counter() - start, 3)
+            print(f"{name} fit, threads {setting}: {seconds[setting]:.2f} s", file=sys.stderr, flush=True)
+        rows.append({"head": name, "n": n, "dim": dim, "classes": n_classes, "seconds": seconds,
+                     "default_over_budget": round(seconds["default"] / seconds["budget"], 2),
+                     "one_over_budget": round(seconds["one"] / seconds["budget"], 2)})
+    return rows
+
+
+def print_threads(rows: list[dict]) -> None:
+    print(f"\nFeature-head fits, default threads (torch {torch.get_num_threads()}, BLAS and OpenMP one a "
+          f"core) vs xferkit's budget ({thread_count()} torch/OpenMP, 1 BLAS) vs one thread\n")
+    print("| features | head | default s | budget s | one thread s | default / budget | one / budget |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        s = r["seconds"]
+        print(f"| {r['n']}x{r['dim']}, {r['classes']} classes | {r['head']} | {s['default']:.2f} | "
+              f"{s['budget']:.2f} | {s['one']:.2f} | {r['default_over_budget']:.2f} | "
+              f"{r['one_over_budget']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", nargs="+", default=["5000x512x10", "50000x2048x100"],
-                        help="NxDIMxCLASSES problems")
+    parser.add_argument("--sizes", nargs="*", default=["5000x512x10", "50000x2048x100"],
+                        help="NxDIMxCLASSES problems of the LR comparison (none: skip it)")
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--grid", nargs="*", default=["5000x512x10"],
                         help="sizes where C is also chosen on validation")
+    parser.add_argument("--thread-size", default="400x1280x10",
+                        help="NxDIMxCLASSES of the thread table (default: sample_data's size)")
+    parser.add_argument("--thread-heads", nargs="*", default=["lr", "gp", "bnn"],
+                        help="heads of the thread table (none: skip it)")
     parser.add_argument("--json", type=Path, default=Path("heads-benchmark.json"))
     args = parser.parse_args(argv)
     rows = []
     for size in args.sizes:
         n, dim, k = (int(v) for v in size.split("x"))
         rows += bench(n, dim, k, args.device, args.max_iter, size in args.grid)
-    print(f"\nLR head on {args.device} ({torch.get_num_threads()} torch threads)\n")
+    if rows:
+        print_lr(rows, args.device)
+    n, dim, k = (int(v) for v in args.thread_size.split("x"))
+    threads = bench_threads(n, dim, k, args.thread_heads)
+    if threads:
+        print_threads(threads)
+    result = {"lr": rows, "threads": threads}
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return result
+
+
+def print_lr(rows: list[dict], device: str) -> None:
+    print(f"\nLR head on {device} ({torch.get_num_threads()} torch threads)\n")
     print("| features | fit | C | seconds | test accuracy | objective - best | iterations |\n"
           "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -134,10 +192,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['seconds']:.2f} | {100 * r['test_accuracy']:.2f}% | "
               f"{'-' if r['objective_gap'] is None else format(r['objective_gap'], '.1e')} | "
               f"{r['iterations']} |")
-    args.json.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {args.json}")
-    return rows
-
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,8 @@ def test_repurpose_writes_a_safe_model_folder(trained):
     assert summary["classes"] == ["blue", "green", "red"] and summary["head"] == "lr"
     assert summary["validation_metrics"]["accuracy"] >= 0.9  # colours: trivially separable
     assert summary["info"]["n_train"] + summary["info"]["n_val"] == 30
-    assert sorted(p.name for p in model.iterdir()) == ["head.json", "head.safetensors", "model.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["head.json", "head.safetensors", "model.json",
+                                                       "ood.safetensors"]
     manifest = json.loads((model / "model.json").read_text())
     assert manifest["format_version"] == 2 and manifest["kind"] == "features"
     assert manifest["backbone"]["name"] == TINY_BACKBONE

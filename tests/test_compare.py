@@ -48,7 +48,8 @@ def test_compare_every_head_with_one_failing(tmp_path, monkeypatch):
         assert predictions.predictions[0].label in classes
     assert rows["lr"]["accuracy"] > 0.9  # colours are trivially separable: a working head gets them
     best = report["best"]
-    assert set(best) == set(COLUMNS) and best["accuracy"] in {row["head"] for row in ok}
+    assert set(best) == {c for c, higher in COLUMNS.items() if higher is not None}
+    assert best["accuracy"] in {row["head"] for row in ok}
     assert rows[best["accuracy"]]["accuracy"] == max(row["accuracy"] for row in ok)
 
     curve = report["learning_curve"]["lr"]
@@ -75,6 +76,16 @@ def test_compare_table_marks_the_best_head():
             HeadResult("b", "ok", {c: 0.7 for c in COLUMNS}), HeadResult("c", "failed", error="x")]
     best = Comparison(rows, {}, "", []).best()
     assert best["accuracy"] == "b" and best["nll"] == "a" and best["fit_seconds"] == "a"
+    assert "coverage" not in best  # near its target is good, not highest
+
+
+def test_compare_reports_conformal_coverage_where_the_model_can_give_sets(split_folder, tmp_path):
+    report = json.loads(run_cli("compare", split_folder, "-o", tmp_path / "cmp", *TINY, "--heads", "lr",
+                                "--val-split", "0.4", "--json").stdout)  # 12 held out: enough for 90 % sets
+    row = report["heads"][0]
+    scored = evaluate(row["artifact"], split_folder / "test", coverage=0.9,
+                      options=ExtractOptions(workers=0)).metrics
+    assert row["coverage"] == pytest.approx(scored["coverage"]) and row["mean_set_size"] >= 1
 
 
 def test_per_class_subsets_nest_and_keep_every_class(image_folder):
@@ -89,3 +100,23 @@ def test_compare_settings_name_their_head():
                          ("lr.max_iter=many", "not a valid")]:
         result = run_cli("compare", ".", "--set", bad, code=2)
         assert message in result.stderr
+
+
+def test_compare_sends_the_test_set_through_the_backbone_once(split_folder, tmp_path, monkeypatch):
+    import xferkit.features.extract as extraction
+
+    through, run_backbone = [], extraction._run_backbone
+
+    def counting(backbone, paths, *args):
+        through.extend(paths)
+        return run_backbone(backbone, paths, *args)
+
+    monkeypatch.setattr(extraction, "_run_backbone", counting)
+    report = json.loads(run_cli("compare", split_folder, "-o", tmp_path / "cmp", *TINY, *BUDGET, "--no-cache",
+                                "--heads", "lr,bnn", "--json").stdout)
+    test = [p for p in through if p.parent.parent.name == "test"]
+    # one pass that the heads' evaluations share, and the same 15 images timed once for the backbone's cost
+    assert len(test) == 2 * 15 and len(set(test)) == 15
+    assert len([p for p in through if p.parent.parent.name == "train"]) == 30  # the heads share these too
+    assert report["backbone_ms_per_image"] > 0 and "ms per test image" in " ".join(report["notes"])
+    assert all(row["status"] == "ok" and row["predict_ms_per_image"] > 0 for row in report["heads"])

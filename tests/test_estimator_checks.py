@@ -17,16 +17,18 @@ from sklearn.model_selection import cross_val_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from xferkit.core.errors import InvalidParameter, XferkitError
-from xferkit.heads import FEATURE_HEADS, BNNHead, FeatureHead, GPHead, LogisticHead
+from xferkit.heads import FEATURE_HEADS, BNNHead, FeatureHead, GPHead, LaplaceHead, LogisticHead
 
 
 def small_heads() -> list[FeatureHead]:
     """One head of each kind, with training budgets small enough for the checks to run in seconds.
 
     The BNN's 20 epochs take a larger step than its default lr: scikit-learn's two-feature data sets
-    give it only a few minibatches an epoch.
+    give it only a few minibatches an epoch. The Laplace head's prior is fixed: one MAP fit, not the
+    evidence's grid of them (tests/test_head_laplace.py checks that choice).
     """
-    return [LogisticHead(), GPHead(epochs=10), BNNHead(epochs=20, lr=0.1, mc_samples=8)]
+    return [LogisticHead(), GPHead(epochs=10), BNNHead(epochs=20, lr=0.1, mc_samples=8),
+            LaplaceHead(prior_precision=1.0, mc_samples=8)]
 
 
 @parametrize_with_checks(small_heads())
@@ -117,7 +119,8 @@ def test_progress_is_reported_as_training_advances(head):
 def test_uncertainty_has_entropy_in_nats_and_the_heads_own_measure(head):
     X, y = separable_features(n_per_class=10)
     result = head.fit(X, y).uncertainty(X)
-    extra = {"lr": set(), "gp": {"variance"}, "bnn": {"mutual_information"}}[head.name]
+    extra = {"lr": set(), "gp": {"variance"}, "bnn": {"mutual_information"},
+             "laplace": {"variance", "mutual_information"}}[head.name]
     assert set(result) == {"entropy"} | extra
     assert all(value.shape == (len(X),) for value in result.values())
     assert np.all((result["entropy"] >= 0) & (result["entropy"] <= np.log(3) + 1e-9))
@@ -125,7 +128,7 @@ def test_uncertainty_has_entropy_in_nats_and_the_heads_own_measure(head):
 
 def test_bad_hyper_parameters_are_invalid_parameter_errors_naming_the_parameter(head):
     X, y = separable_features(n_per_class=5)
-    name = {"lr": "max_iter", "gp": "epochs", "bnn": "epochs"}[head.name]
+    name = {"lr": "max_iter", "gp": "epochs", "bnn": "epochs", "laplace": "max_iter"}[head.name]
     with pytest.raises(InvalidParameter, match=f"'{name}' parameter of {type(head).__name__}"):
         head.set_params(**{name: 0}).fit(X, y)
     assert issubclass(InvalidParameter, ValueError) and issubclass(InvalidParameter, XferkitError)

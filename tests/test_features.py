@@ -139,3 +139,37 @@ def test_two_processes_extracting_into_one_cache_lose_nothing(backbone, tmp_path
     assert len(found) == len(paths) == 120
     calls = _count_forward_calls(backbone)
     assert extract_features(backbone, paths, cache=cache).from_cache == 120 and sum(calls) == 0
+
+
+def test_extraction_runs_within_the_thread_budget(backbone, image_folder, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    backbone.model.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.get_num_threads(), {p["user_api"]: p["num_threads"] for p in threadpool_info()})))
+    monkeypatch.setenv("XFERKIT_THREADS", "1")
+    before = torch.get_num_threads()
+    extract_features(backbone, sorted(image_folder.rglob("*.png"))[:4], cache=False, workers=0)
+    assert seen and all(n == 1 and pools.get("blas", 1) == 1 for n, pools in seen)
+    assert torch.get_num_threads() == before
+
+
+def test_auto_decode_falls_back_to_the_workers_without_a_device_decoder(backbone, monkeypatch):
+    from xferkit.io import jpeg_device
+
+    def no_decoder(data, device):
+        raise RuntimeError("torchvision was built without nvJPEG (simulated)")
+
+    monkeypatch.setattr(jpeg_device, "_decode", no_decoder)
+    jpeg_device.gpu_decode_available.cache_clear()
+    try:
+        assert not jpeg_device.gpu_decode_available(torch.device("cpu"))
+        cuda = torch.device("cuda")  # never touched: the check is patched, the choice is what is tested
+        monkeypatch.setattr(extract_module, "gpu_decode_available", lambda device: False)
+        assert extract_module._decode_on_device("auto", cuda, backbone.preprocess) is False
+        with pytest.raises(XferkitError, match="decode='workers'"):
+            extract_module._decode_on_device("device", cuda, backbone.preprocess)
+        monkeypatch.setattr(extract_module, "gpu_decode_available", lambda device: True)
+        assert extract_module._decode_on_device("auto", cuda, backbone.preprocess) is True
+    finally:
+        jpeg_device.gpu_decode_available.cache_clear()

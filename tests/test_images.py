@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from xferkit.io.images import UnreadableImage, load_rgb
 
@@ -38,6 +38,21 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees when displayed
     img.save(tmp_path / "rot.jpg", exif=exif)
     assert load_rgb(tmp_path / "rot.jpg").size == (20, 40)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_when_decoding_at_reduced_size(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((640, 480), Image.BICUBIC).save(tmp_path / "o.jpg", quality=95,
+                                                                   exif=exif)
+    out = load_rgb(tmp_path / "o.jpg", min_size=200)  # draft mode: the DCT decodes it at half size
+    upright = ImageOps.exif_transpose(Image.open(tmp_path / "o.jpg")).convert("RGB")
+    assert out.size == (upright.width // 2, upright.height // 2)
+    expected = np.asarray(upright.resize(out.size, Image.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(out, dtype=np.int16) - expected).mean() < 3  # of 255; turned wrong: ~65
 
 
 def test_draft_mode_keeps_shorter_side_at_least_min_size(tmp_path):

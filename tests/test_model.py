@@ -39,7 +39,8 @@ def test_feature_model_predicts_the_same_after_loading(saved, colours):
     after = load_model(folder).predict(test.paths, QUIET)
     np.testing.assert_array_equal(before.proba, after.proba)
     assert (before.proba.argmax(1) == test.labels).mean() == 1.0
-    assert set(before.uncertainty) == {"entropy"}
+    assert set(before.uncertainty) == {"entropy", "distance"}  # distance to the class means: the OOD score
+    np.testing.assert_array_equal(before.uncertainty["distance"], after.uncertainty["distance"])
 
 
 def test_calibration_is_recorded_and_applied(saved):

@@ -1,14 +1,27 @@
-"""`xferkit tune`: the GP sampler improves on its random start, trials resume, the best model is saved."""
+"""`xferkit tune`: the GP sampler improves on its random start, trials resume, the pruner stops poor
+learning curves early, the best model is saved."""
 
 import csv
 import json
 
+import numpy as np
 import pytest
 from conftest import TINY_BACKBONE, run_cli, write_image_folder
 
 from xferkit.api import ExtractOptions, predict
-from xferkit.api.tuning import TrialRecord, best_record, open_study, run_trials, trial_records
+from xferkit.api.tuning import (
+    TrialRecord,
+    best_record,
+    epoch_pruner,
+    open_study,
+    run_trials,
+    trial_records,
+    trials_csv,
+)
 from xferkit.core.errors import XferkitError
+from xferkit.core.metrics import negative_log_likelihood
+from xferkit.finetune import FinetuneClassifier
+from xferkit.heads.bnn import BNNHead
 from xferkit.model import load_model
 
 TINY = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0"]
@@ -18,9 +31,29 @@ def space(trial) -> dict:
     return {"x": trial.suggest_float("x", -5.0, 5.0), "y": trial.suggest_float("y", -5.0, 5.0)}
 
 
-def bowl(params: dict) -> tuple[float, float]:
+def bowl(params: dict, epoch_end=None) -> tuple[float, float]:
     """A toy objective with its minimum at (1.3, -0.7); 'accuracy' is unused here."""
     return (params["x"] - 1.3) ** 2 + (params["y"] + 0.7) ** 2, 0.0
+
+
+#: Epochs of the toy learning curves.
+EPOCHS = 9
+
+
+def learning_curve(params: dict, epoch_end) -> tuple[float, float]:
+    """The bowl approached as 1/epoch: a trial's rank at any epoch is its final one; stops when told."""
+    for epoch in range(1, EPOCHS + 1):
+        value = bowl(params)[0] + 3.0 / epoch
+        if epoch_end(epoch, value):
+            break
+    return value, 0.0
+
+
+def tuned(folder, pruner, trials: int = 12) -> list[TrialRecord]:
+    """Random trials (all start-up: the same ones with and without *pruner*), read back from the journal."""
+    run_trials(open_study(folder, {"toy": "curve"}, seed=0, n_startup=trials, pruner=pruner), learning_curve,
+               space, trials)
+    return trial_records(open_study(folder, {"toy": "curve"}))  # as a resumed run reads it
 
 
 def test_gp_sampler_improves_on_its_random_start(tmp_path):
@@ -34,7 +67,7 @@ def test_gp_sampler_improves_on_its_random_start(tmp_path):
 def test_resume_runs_only_the_missing_trials(tmp_path):
     calls = []
 
-    def counted(params):
+    def counted(params, epoch_end=None):
         calls.append(params)
         if len(calls) == 5:
             raise KeyboardInterrupt  # the user presses Ctrl-C during the fifth trial
@@ -78,9 +111,78 @@ def test_tune_cli_saves_trials_plot_and_the_refitted_best_model(tmp_path):
     assert (out / "best_so_far.png").read_bytes().startswith(b"\x89PNG")
     model = load_model(out / "model")
     assert model.estimator.C == report["best"]["params"]["C"] and model.info["n_train"] == 30
+    assert model.held_out.source == "5-fold cross-fitting on the training images"  # calibrated, held out
     predictions = predict(model, [data / "blue" / "1.png"], options=ExtractOptions(workers=0))
     assert predictions.predictions[0].label == "blue"
 
     resumed = json.loads(run_cli("tune", data, "--head", "lr", "--trials", "4", "-o", out, *TINY,
                              "--json").stdout)
     assert resumed["trials"][:3] == report["trials"] and len(resumed["trials"]) == 4
+
+
+def test_pruned_tuning_runs_fewer_epochs_and_records_pruned_trials(tmp_path):
+    full = tuned(tmp_path / "full", None)
+    pruned = tuned(tmp_path / "pruned", epoch_pruner("halving", EPOCHS))
+    assert all(r.state == "complete" and r.epochs == EPOCHS for r in full)
+    assert len(pruned) == 12
+    stopped = [r for r in pruned if r.state == "pruned"]
+    assert stopped and all(r.epochs < EPOCHS for r in stopped)
+    assert sum(r.epochs for r in pruned) <= 0.5 * sum(r.epochs for r in full)
+    assert [r.params for r in pruned] == [r.params for r in full]
+    best = best_record(pruned)  # the best curve leads at every rung: it is never pruned
+    assert (best.number, best.val_nll) == (best_record(full).number, best_record(full).val_nll)
+    rows = list(csv.DictReader(trials_csv(pruned).splitlines()))
+    assert [(row["state"], int(row["epochs"])) for row in rows] == [(r.state, r.epochs) for r in pruned]
+
+
+def test_hyperband_prunes_too(tmp_path):
+    records = tuned(tmp_path, epoch_pruner("hyperband", EPOCHS))
+    assert any(r.state == "pruned" for r in records)
+    with pytest.raises(XferkitError, match="unknown pruner"):
+        epoch_pruner("median", EPOCHS)
+
+
+def test_bnn_epoch_callback_hears_validation_nll_and_stops_training():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(90, 5)).astype(np.float32), np.repeat(["a", "b", "c"], 30)
+    X[:, 0] += 3 * (y == "a")
+    heard = []
+
+    def stop_after_four(epoch, val_nll):
+        heard.append((epoch, val_nll))
+        return epoch == 4
+
+    trained = []
+    head = BNNHead(epochs=50, random_state=0).fit(X[::2], y[::2], progress=lambda e, *_: trained.append(e),
+                                                  epoch_end=stop_after_four, validation=(X[1::2], y[1::2]))
+    assert [epoch for epoch, _ in heard] == trained == [1, 2, 3, 4]
+    index = np.searchsorted(head.classes_, y[1::2])  # a few weight draws: near the predictive's NLL
+    assert heard[-1][1] == pytest.approx(negative_log_likelihood(index, head.predict_proba(X[1::2])), rel=0.1)
+    with pytest.raises(XferkitError, match="validation"):
+        BNNHead(epochs=2).fit(X, y, epoch_end=stop_after_four)
+
+
+def test_finetune_epoch_callback_stops_training(tmp_path):
+    paths = sorted(write_image_folder(tmp_path, per_class=6).rglob("*.png"))
+    heard = []
+    trainer = FinetuneClassifier(backbone=TINY_BACKBONE, pretrained=False, image_size=32, workers=0,
+                                 epochs=6, random_state=0)
+    trainer.fit(paths, [p.parent.name for p in paths], epoch_end=lambda e, nll: heard.append(nll) or e == 2)
+    assert len(heard) == 2 and all(np.isfinite(heard))
+    assert trainer.history_["epochs_run"] == 2 and trainer.history_["stopped"] == "epoch_end"
+
+
+def test_tune_cli_records_each_trials_epochs_and_resumes_with_the_pruner(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=10)
+    out, bnn = tmp_path / "tuned", ["--head", "bnn", "--set", "epochs=9", "-o", tmp_path / "tuned", *TINY]
+    report = json.loads(run_cli("tune", data, "--trials", "2", "--no-prune", *bnn, "--json").stdout)
+    assert [(t["state"], t["epochs"]) for t in report["trials"]] == [("complete", 9)] * 2
+    assert "0 of 2 trials pruned; the trials trained 18 epochs" in " ".join(report["notes"])
+    resumed = json.loads(run_cli("tune", data, "--trials", "4", *bnn, "--json").stdout)
+    assert resumed["trials"][:2] == report["trials"] and len(resumed["trials"]) == 4
+    assert all(t["epochs"] == 9 if t["state"] == "complete" else t["state"] == "pruned" and t["epochs"] < 9
+               for t in resumed["trials"])
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["state"], int(r["epochs"])) for r in rows] == [(t["state"], t["epochs"])
+                                                             for t in resumed["trials"]]

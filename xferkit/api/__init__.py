@@ -19,6 +19,8 @@ _EXPORTS = {
     "Comparison": "xferkit.api.comparison:Comparison",
     "tune": "xferkit.api.tuning:tune",
     "TuneResult": "xferkit.api.tuning:TuneResult",
+    "export": "xferkit.api.exporting:export",
+    "ExportResult": "xferkit.api.exporting:ExportResult",
     "cache_info": "xferkit.api.housekeeping:cache_info",
     "cache_verify": "xferkit.api.housekeeping:cache_verify",
     "cache_clear": "xferkit.api.housekeeping:cache_clear",

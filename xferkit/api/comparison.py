@@ -3,7 +3,9 @@
 All heads share one seeded split (or the data's own train/val/test); feature heads share the
 features through the cache, image heads train on pixels. Each head's model is saved in the
 output folder, so the winner can be used with ``xferkit predict`` directly. A head that fails
-is reported with its reason and the others still run.
+is reported with its reason and the others still run. The test set goes through the backbone
+once: a feature head's prediction time is its own, on those features, and the backbone's cost
+per image is stated once beside them (without a cache, a temporary one serves this run).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,9 +26,10 @@ from xferkit.api.evaluation import Evaluation, evaluate
 from xferkit.api.fitting import RepurposeResult, repurpose
 from xferkit.api.results import write_json
 from xferkit.backbones import create_backbone
+from xferkit.core.distributed import require_one_process
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
-from xferkit.features import extract_features
+from xferkit.features import Features, extract_features
 from xferkit.io.data import LabelledImages, Splits, load_splits, stratified_split
 from xferkit.io.files import MODEL_MARKER, atomic_write_bytes, check_output_folder
 from xferkit.model.models import load_model
@@ -33,13 +38,19 @@ from xferkit.model.registry import head_kind, head_names, head_params
 
 #: The file that marks a folder as a comparison xferkit wrote.
 REPORT = "report.json"
-#: Table columns: report key -> True where higher is better.
+#: Table columns: report key -> True where higher is better, False where lower, None: not ranked
+#: (a conformal set's coverage should be near its target, and its size means little apart from it).
 COLUMNS = {"accuracy": True, "macro_f1": True, "nll": False, "ece": False, "brier": False,
+           "coverage": None, "mean_set_size": None,
            "fit_seconds": False, "predict_ms_per_image": False, "size_mb": False}
+#: The level of the conformal prediction sets whose coverage and mean size the table reports.
+COVERAGE = 0.9
 #: Training examples per class for the learning curve (plus "all").
 CURVE_SIZES = (1, 2, 5, 10, 20)
 #: The learning curve sets transfer (lr on pretrained features) against training from scratch.
 CURVE_HEADS = ("lr", "scratch")
+#: Test images whose extraction is timed (cache off) to state the backbone's cost per image.
+BACKBONE_SAMPLE = 64
 
 
 @dataclass
@@ -67,6 +78,8 @@ class Comparison:
     notes: list[str]
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
+    #: Decode + backbone per test image (cache off), which a feature head's prediction time leaves out.
+    backbone_ms_per_image: float | None = None
 
     def best(self) -> dict[str, str]:
         """The head with the best value of each column (among the heads that ran)."""
@@ -75,11 +88,12 @@ class Comparison:
             return {}
         pick = {True: max, False: min}
         return {col: pick[higher](ok, key=lambda r, c=col: r.metrics[c]).head
-                for col, higher in COLUMNS.items()}
+                for col, higher in COLUMNS.items() if higher is not None}
 
     def to_json(self) -> dict:
         return {"split": self.sizes, "test_source": self.test_source, "notes": self.notes,
-                "columns": list(COLUMNS), "best": self.best(),
+                "backbone_ms_per_image": self.backbone_ms_per_image, "columns": list(COLUMNS),
+                "best": self.best(),
                 "heads": [r.to_json() for r in self.rows],
                 "learning_curve": {h: [list(p) for p in pts] for h, pts in self.curves.items()},
                 "plots": self.plots}
@@ -97,6 +111,7 @@ def compare(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptio
     ``common_params`` go to every head that takes them (e.g. ``epochs``); ``head_params`` maps
     a head name to options for that head only.
     """
+    require_one_process("compare")
     backbone = BackboneOptions(backbone) if isinstance(backbone, str) else backbone
     output = Path(output)
     heads = list(heads or head_names())
@@ -109,24 +124,39 @@ def compare(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptio
     splits, test_source = held_out_splits(data, val_split, test_split, seed, output)
     for note in splits.notes:
         reporter.note(note)
+    no_cache = options.cache is False
+    with tempfile.TemporaryDirectory(prefix="xferkit-compare-") if no_cache else nullcontext() as tmp:
+        options = replace(options, cache=Path(tmp)) if tmp else options  # features are shared by the heads
+        result = _compare_heads(data, backbone, heads, common_params or {}, head_params or {}, splits,
+                                test_source, val_split, seed, learning_curve, calibrate, output, options,
+                                reporter)
+    result.plots = write_plots(result, output)
+    write_json(output / REPORT, result.to_json())
+    return result
+
+
+def _compare_heads(data, backbone: BackboneOptions, heads: list[str], common_params: dict, head_params: dict,
+                   splits: Splits, test_source: Path, val_split: float, seed: int, learning_curve: bool,
+                   calibrate: bool, output: Path, options: ExtractOptions, reporter: Reporter) -> Comparison:
+    """:func:`compare` once the output and the splits are settled, with a feature cache in *options*."""
 
     def fit(name: str, fit_splits: Splits, folder: Path | None) -> RepurposeResult:
         return repurpose(data, backbone=backbone, head=name,
-                         params=params_for(name, common_params or {}, (head_params or {}).get(name, {})),
+                         params=params_for(name, common_params, head_params.get(name, {})),
                          output=folder, val_split=val_split, seed=seed, calibrate=calibrate, force=True,
                          options=options, splits=fit_splits, reporter=reporter)
 
+    test_features, backbone_ms = None, None
     if any(head_kind(name) == "features" for name in heads):
-        # one pass over the test images first warms the file cache and the kernels, so that each head's
-        # timed prediction measures the head, not who came first (the learning curve reuses the features)
-        net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
-                              backbone.image_size)
-        extract_features(net, splits.test.paths, device=options.device, batch_size=options.batch_size,
-                         workers=options.workers, cache=options.cache, reporter=reporter)
-    rows = [run_head(name, lambda f, n=name: fit(n, splits, f), test_source, output / name, options, reporter)
-            for name in heads]
+        test_features, backbone_ms = held_out_features(backbone, splits.test.paths, options, reporter)
+    rows = [run_head(name, lambda f, n=name: fit(n, splits, f), test_source, output / name, options, reporter,
+                     test_features) for name in heads]
+    notes = [*splits.notes, *([f"the backbone takes {backbone_ms:.3g} ms per test image (decode and forward "
+                               "pass); the feature heads' ms/img time the head alone, on its features"]
+                              if backbone_ms is not None else [])]
     result = Comparison(rows, {"train": len(splits.train), "val": len(splits.val or []),
-                               "test": len(splits.test)}, str(test_source), splits.notes)
+                               "test": len(splits.test)}, str(test_source), notes,
+                        backbone_ms_per_image=backbone_ms)
     if learning_curve:
         done = {r.head: r.metrics["accuracy"] for r in rows if r.status == "ok"}
         for name in (h for h in CURVE_HEADS if h in head_names()):
@@ -139,9 +169,22 @@ def compare(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptio
                 result.curves[name] = curve_points(splits, seed, test_accuracy, done.get(name))
             except Exception as err:  # a failed curve must not lose the table
                 result.notes.append(f"learning curve of {name} failed: {type(err).__name__}: {err}")
-    result.plots = write_plots(result, output)
-    write_json(output / REPORT, result.to_json())
     return result
+
+
+def held_out_features(backbone: BackboneOptions, paths: list[Path], options: ExtractOptions,
+                      reporter: Reporter) -> tuple[Features, float]:
+    """The test features (into the cache, which every head's evaluation then reads) and the backbone's
+    cost per image, timed once on up to ``BACKBONE_SAMPLE`` of them with the cache off."""
+    net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
+                          backbone.image_size)
+    run = {"device": options.device, "batch_size": options.batch_size, "workers": options.workers,
+           "reporter": reporter}
+    features = extract_features(net, paths, cache=options.cache, **run)  # also warms files and kernels
+    sample = paths[:BACKBONE_SAMPLE]
+    start = time.perf_counter()
+    extract_features(net, sample, cache=False, **run)
+    return features, round(1000 * (time.perf_counter() - start) / max(1, len(sample)), 3)
 
 
 def params_for(name: str, common: dict, own: dict) -> dict:
@@ -180,28 +223,55 @@ def labelled_csv(images: LabelledImages) -> str:
 
 
 def run_head(name: str, fit, test_source: Path, folder: Path, options: ExtractOptions,
-             reporter: Reporter = SILENT) -> HeadResult:
-    """Fit (``fit(folder)`` saves the model there), then score on the test set; failures become rows."""
+             reporter: Reporter = SILENT, test_features: Features | None = None) -> HeadResult:
+    """Fit (``fit(folder)`` saves the model there), then score on the test set; failures become rows.
+
+    Prediction sets at ``COVERAGE`` are scored where the model holds out enough images for them.
+
+    A feature head's prediction is timed on *test_features* (the head alone; the backbone's cost
+    is the comparison's own); a pixel head's on the test images, end to end.
+    """
     if (folder / MODEL_MARKER).is_file():
         shutil.rmtree(folder)  # an older model of this head must not outlive a failed fit
     try:
         fitted = fit(folder)
         model = load_model(folder)  # what `xferkit predict` would load
         start = time.perf_counter()
-        scored = evaluate(model, test_source, options=replace(options, cache=False),
-                          reporter=reporter)  # end-to-end timing
-        seconds = time.perf_counter() - start
+        sets = COVERAGE if _can_cover(model, COVERAGE) else None
+        scored = evaluate(model, test_source, options=options, coverage=sets, reporter=reporter)
+        seconds, n = time.perf_counter() - start, scored.metrics["n"]
+        if model.kind == "features" and test_features is not None and len(test_features.kept):
+            seconds, n = head_seconds(model.estimator, test_features.features), len(test_features.kept)
     except Exception as err:  # out of memory or a bug in one head must not end the others
         return HeadResult(name, "failed", error=f"{type(err).__name__}: {err}",
                           details=traceback.format_exc(limit=-3))
     metrics = {"accuracy": scored.metrics["accuracy"], "macro_f1": scored.metrics["macro_f1"],
                "nll": scored.metrics["nll"], "ece": scored.metrics["ece"],
-               "brier": scored.metrics["brier"], "fit_seconds": fitted.model.info["fit_seconds"],
-               "predict_ms_per_image": round(1000 * seconds / max(1, scored.metrics["n"]), 3),
+               "brier": scored.metrics["brier"], "coverage": scored.metrics.get("coverage"),
+               "mean_set_size": scored.metrics.get("mean_set_size"),
+               "fit_seconds": fitted.model.info["fit_seconds"],
+               "predict_ms_per_image": round(1000 * seconds / max(1, n), 3),
                "size_mb": round(folder_bytes(folder) / 1e6, 3), "n_test": scored.metrics["n"],
                "val_nll": fitted.model.metrics.get("nll"),
                "val_accuracy": fitted.model.metrics.get("accuracy")}
     return HeadResult(name, "ok", metrics, str(folder), evaluation=scored)
+
+
+def _can_cover(model, coverage: float) -> bool:
+    """Whether *model* records enough held-out images for prediction sets at *coverage*."""
+    held_out = getattr(model, "held_out", None)
+    try:
+        return held_out is not None and held_out.set_threshold(coverage) is not None
+    except XferkitError:
+        return False
+
+
+def head_seconds(head, features) -> float:
+    """Seconds a feature head takes to predict (probabilities and its uncertainties) on *features*."""
+    start = time.perf_counter()
+    head.predict_proba(features)
+    head.uncertainty(features)
+    return time.perf_counter() - start
 
 
 def folder_bytes(folder: Path) -> int:

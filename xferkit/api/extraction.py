@@ -11,6 +11,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from xferkit.api.results import skipped_json
 from xferkit.backbones import create_backbone
+from xferkit.core.distributed import is_main
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.features import Features, extract_features
 from xferkit.io.data import read_image_folder
@@ -56,6 +57,7 @@ def extract(data: str | Path, output: str | Path, *, backbone: BackboneOptions |
                              reporter=reporter)
     metadata = {"backbone": json.dumps(net.spec()), "classes": json.dumps(images.classes),
                 "paths": json.dumps([str(images.paths[i]) for i in feats.kept])}
-    atomic_write_bytes(output, safetensors_bytes({"features": feats.features,
-                                                 "labels": images.labels[feats.kept]}, metadata))
+    if is_main():  # under torchrun every rank has the features; one writes them
+        atomic_write_bytes(output, safetensors_bytes({"features": feats.features,
+                                                     "labels": images.labels[feats.kept]}, metadata))
     return ExtractResult(output, feats, images.classes)

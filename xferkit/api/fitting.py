@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xferkit.api.results import skipped_json
+from xferkit.core.distributed import is_main
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.io.data import Splits, load_splits
 from xferkit.io.files import check_output_folder
@@ -31,6 +32,8 @@ class RepurposeResult:
                 "classes": model.classes, "head": model.head,
                 "head_params": model.manifest().head_params, "validation_metrics": model.metrics,
                 "calibration": model.calibration.to_json() if model.calibration else None,
+                "held_out": ({k: v for k, v in model.held_out.to_json().items() if not k.endswith("_scores")}
+                             if model.held_out else None),
                 "info": model.info, "seconds": round(self.seconds, 2), "skipped": skipped_json(self.skipped)}
 
 
@@ -38,12 +41,14 @@ def repurpose(data: str | Path, *, backbone: BackboneOptions | str = BackboneOpt
               params: dict | None = None, output: str | Path | None = None,
               val_split: float = SplitOptions.val_split, seed: int = SplitOptions.seed,
               calibrate: bool = True, force: bool = False, options: ExtractOptions = ExtractOptions(),
-              splits: Splits | None = None, reporter: Reporter = SILENT) -> RepurposeResult:
+              splits: Splits | None = None, folds: int = 0, reporter: Reporter = SILENT) -> RepurposeResult:
     """Fit *head* on the training images of *data* and save the model to *output* (when given).
 
     The validation split (the data's ``val/``, or ``val_split`` of each class, seeded) calibrates
-    the probabilities (``calibrate``) and gives the validation metrics. ``splits`` replaces the
-    split of *data* (compare and tune hold out their own).
+    the probabilities (``calibrate``), gives the validation metrics and the held-out scores of
+    prediction sets and OOD flags. ``splits`` replaces the split of *data* (compare and tune hold
+    out their own); ``folds`` > 1 (feature heads, no validation split) takes all those from
+    out-of-fold predictions of the training images instead.
     """
     started = time.perf_counter()
     backbone = BackboneOptions(backbone) if isinstance(backbone, str) else backbone
@@ -57,8 +62,8 @@ def repurpose(data: str | Path, *, backbone: BackboneOptions | str = BackboneOpt
     model, fitted = fit_model(head, params, backbone=backbone, train=splits.train, val=splits.val,
                               options=options, seed=seed, calibrated=calibrate,
                               info={"data": str(Path(data).resolve()), "val_split": val_split},
-                              reporter=reporter)
-    if output is not None:
+                              reporter=reporter, folds=folds)
+    if output is not None and is_main():  # under torchrun every rank has the model; one saves it
         model.save(output, force=force)
     return RepurposeResult(model, Path(output) if output is not None else None, fitted.skipped, splits.notes,
                            time.perf_counter() - started)

@@ -1,9 +1,12 @@
 """Bayesian optimisation of a head's hyper-parameters (Optuna's GP sampler), resumable from disk.
 
 Each trial fits the head on the training split with parameters drawn from the head's
-``search_space`` and scores it by validation NLL (accuracy breaks ties). Trials are journalled
+``search_space`` and scores it by validation NLL (accuracy breaks ties). Heads that train by
+epochs report each epoch's validation NLL, and a pruner (Hyperband, the epoch as the resource)
+stops trials whose partial learning curves trail the others'. Trials are journalled
 to ``trials.journal`` in the output folder, so an interrupted run continues where it stopped.
-The best configuration is refitted on train + validation and saved as a normal model.
+The best configuration is refitted on train + validation (feature heads; calibrated by
+cross-fitting) and saved as a normal model.
 """
 
 from __future__ import annotations
@@ -25,20 +28,34 @@ from optuna.trial import TrialState
 from xferkit.api.evaluation import evaluate
 from xferkit.api.fitting import repurpose
 from xferkit.api.results import write_json
+from xferkit.core.distributed import require_one_process
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
+from xferkit.finetune.loop import EpochEnd
 from xferkit.io.data import LabelledImages, Splits, load_splits
 from xferkit.io.files import atomic_write_bytes, write_error
+from xferkit.model.models import fit_model
 from xferkit.model.options import BackboneOptions, ExtractOptions, SplitOptions
-from xferkit.model.registry import head_class
+from xferkit.model.registry import head_class, head_kind
+from xferkit.model.registry import head_params as declared_params
 
 JOURNAL = "trials.journal"
 STUDY = "xferkit-tune"
+#: Folds of the cross-fitting that calibrates a feature head refitted on train + validation.
+REFIT_FOLDS = 5
+#: The pruners ``tune`` can stop trials with (see :func:`epoch_pruner`), and the one it uses by default.
+#: Hyperband by measurement (benchmarks/tune_pruning.py): successive halving alone prunes most trials at
+#: the first rung, where noisy early curves mislead it; Hyperband's later-starting brackets hedge.
+PRUNERS = ("halving", "hyperband")
+PRUNER = "hyperband"
+#: Each rung of the pruners keeps the best 1/REDUCTION of the trials that reach it.
+REDUCTION = 3
 #: Validation NLL is compared to this many decimals before accuracy breaks a tie.
 NLL_DECIMALS = 4
 
-#: ``objective(params) -> (validation NLL, validation accuracy)``
-Objective = Callable[[dict], tuple[float, float]]
+#: ``objective(params, epoch_end) -> (validation NLL, validation accuracy)``; a trial that trains by
+#: epochs calls ``epoch_end(epoch, val_nll)`` after each and stops when it returns True (pruned).
+Objective = Callable[[dict, EpochEnd], tuple[float, float]]
 
 
 @dataclass
@@ -51,6 +68,10 @@ class TrialRecord:
     val_accuracy: float | None
     seconds: float
     error: str | None = None
+    #: ``complete``, ``pruned`` (stopped early by the pruner) or ``fail``.
+    state: str = "complete"
+    #: Epochs the trial trained (None: the head does not train by epochs).
+    epochs: int | None = None
 
 
 def startup_trials(n_trials: int) -> int:
@@ -58,8 +79,30 @@ def startup_trials(n_trials: int) -> int:
     return max(2, min(10, n_trials // 3))
 
 
-def open_study(folder: Path, config: dict, seed: int = 0, n_startup: int = 10) -> optuna.Study:
-    """The study journalled in *folder* (created if new); refuses a folder that tuned something else."""
+def epoch_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """Optuna's *name* pruner (``halving`` or ``hyperband``), an epoch being a unit of resource.
+
+    Halving's rungs are at ``max_epochs / 27``, ``/ 9`` and ``/ 3`` epochs: a trial goes on past a rung
+    only while its validation NLL there is in the best third of the trials that got there. Hyperband
+    spreads the trials over brackets of halving whose first rung is each of these in turn (the last
+    bracket prunes nothing), so a slow starter is not judged by its first epochs alone.
+    """
+    min_epochs = max(1, max_epochs // REDUCTION ** 3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=REDUCTION)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=max_epochs,
+                                              reduction_factor=REDUCTION)
+    raise XferkitError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}.")
+
+
+def open_study(folder: Path, config: dict, seed: int = 0, n_startup: int = 10,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """The study journalled in *folder* (created if new); refuses a folder that tuned something else.
+
+    *pruner* (none by default) may stop trials that report their epochs (it is not part of the study's
+    record: a tune resumed with another pruner keeps its earlier trials).
+    """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     journal = Path(folder) / JOURNAL
     if folder.exists() and any(folder.iterdir()) and not journal.is_file():
@@ -70,7 +113,7 @@ def open_study(folder: Path, config: dict, seed: int = 0, n_startup: int = 10) -
         _drop_torn_record(journal)
         storage = JournalStorage(JournalFileBackend(str(journal)))
         study = optuna.create_study(study_name=STUDY, storage=storage, direction="minimize",
-                                    load_if_exists=True)
+                                    pruner=pruner or optuna.pruners.NopPruner(), load_if_exists=True)
     except OSError as err:
         raise write_error(journal, err) from None
     except (ValueError, KeyError, TypeError, AssertionError) as err:  # optuna on a damaged journal
@@ -101,35 +144,63 @@ def _drop_torn_record(journal: Path) -> None:
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count towards the budget: scored, or failed with a reason (not interrupted)."""
+    """Trials that count towards the budget: scored, pruned, or failed with a reason (not interrupted)."""
     return [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE or "error" in t.user_attrs]
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "error" in t.user_attrs]
+
+
+@dataclass
+class LearningCurve:
+    """One trial's ``epoch_end``: reports each epoch's validation NLL and asks the pruner whether to stop."""
+
+    trial: optuna.Trial
+    epochs: int | None = None
+    pruned: bool = False
+
+    def epoch_end(self, epoch: int, val_nll: float) -> bool:
+        self.epochs = epoch
+        self.trial.report(val_nll, epoch)
+        self.pruned = self.trial.should_prune()
+        return self.pruned
 
 
 def run_trials(study: optuna.Study, objective: Objective, search_space: Callable[..., dict],
                n_trials: int, description: str = "tuning", reporter: Reporter = SILENT) -> None:
-    """Run trials until *n_trials* are finished; a trial whose fit raises is recorded as failed."""
+    """Run trials until *n_trials* are finished; a trial whose fit raises is recorded as failed.
+
+    A trial the study's pruner stops is recorded as pruned, with its scores where it stopped.
+    """
     done = len(finished_trials(study))
     with reporter.task(description, n_trials, unit="trial") as task:
         task.advance(min(done, n_trials), info=_best_info(study))
         for _ in range(max(0, n_trials - done)):
             trial = study.ask()
             params = search_space(trial)
+            curve = LearningCurve(trial)
             start = time.perf_counter()
             try:
-                nll, accuracy = objective(params)
+                nll, accuracy = objective(params, curve.epoch_end)
             except Exception as err:  # a bad configuration must not end the search
                 trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-                trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+                _record_cost(trial, start, curve)
                 study.tell(trial, state=TrialState.FAIL)
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)  # interrupted: not counted, run again later
                 raise
             else:
                 trial.set_user_attr("accuracy", accuracy)
-                trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
-                study.tell(trial, nll)
+                trial.set_user_attr("val_nll", nll)
+                _record_cost(trial, start, curve)
+                if curve.pruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    study.tell(trial, nll)
             task.advance(info=_best_info(study))
+
+
+def _record_cost(trial: optuna.Trial, start: float, curve: LearningCurve) -> None:
+    trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+    trial.set_user_attr("epochs", curve.epochs)
 
 
 def _best_info(study: optuna.Study) -> str:
@@ -138,21 +209,31 @@ def _best_info(study: optuna.Study) -> str:
 
 
 def trial_records(study: optuna.Study) -> list[TrialRecord]:
-    return [TrialRecord(t.number, t.params, t.value, t.user_attrs.get("accuracy"),
-                        t.user_attrs.get("seconds", 0.0), t.user_attrs.get("error"))
-            for t in finished_trials(study)]
+    """The finished trials; a pruned one's NLL and accuracy are its model's where it was stopped."""
+    return [_record(t) for t in finished_trials(study)]
+
+
+def _record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
+    attrs = trial.user_attrs
+    return TrialRecord(trial.number, trial.params, attrs.get("val_nll", trial.value), attrs.get("accuracy"),
+                       attrs.get("seconds", 0.0), attrs.get("error"), trial.state.name.lower(),
+                       attrs.get("epochs"))
+
+
+def _scored(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials trained to the end and scored: a pruned trial's partial score is no candidate."""
+    return [r for r in records if r.state == "complete" and r.val_nll is not None]
 
 
 def best_record(records: list[TrialRecord]) -> TrialRecord | None:
     """Lowest validation NLL (to ``NLL_DECIMALS``), then highest validation accuracy."""
-    scored = [r for r in records if r.val_nll is not None]
-    return min(scored, key=lambda r: (round(r.val_nll, NLL_DECIMALS), -r.val_accuracy),
+    return min(_scored(records), key=lambda r: (round(r.val_nll, NLL_DECIMALS), -r.val_accuracy),
                default=None)
 
 
 def best_so_far(records: list[TrialRecord]) -> list[float]:
     """The best validation NLL after each scored trial, in trial order."""
-    return np.minimum.accumulate([r.val_nll for r in records if r.val_nll is not None]).tolist()
+    return np.minimum.accumulate([r.val_nll for r in _scored(records)]).tolist()
 
 
 @dataclass
@@ -176,11 +257,14 @@ class TuneResult:
 def tune(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptions(), head: str = "lr",
          output: str | Path = "runs/tuned", trials: int = 20, head_params: dict | None = None,
          val_split: float = SplitOptions.val_split, seed: int = SplitOptions.seed, calibrate: bool = True,
-         options: ExtractOptions = ExtractOptions(), reporter: Reporter = SILENT) -> TuneResult:
+         pruner: str | None = PRUNER, options: ExtractOptions = ExtractOptions(),
+         reporter: Reporter = SILENT) -> TuneResult:
     """Search *head*'s hyper-parameters on *data*'s validation split and save the refitted best.
 
-    ``head_params`` are fixed for every trial (they are not searched).
+    ``head_params`` are fixed for every trial (they are not searched). For heads that train by epochs
+    (bnn, finetune, scratch), *pruner* (one of ``PRUNERS``; None: none) stops poor trials early.
     """
+    require_one_process("tune")
     backbone = BackboneOptions(backbone) if isinstance(backbone, str) else backbone
     output = Path(output)
     fixed = {k: v for k, v in (head_params or {}).items() if v is not None}
@@ -196,18 +280,24 @@ def tune(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptions(
     config = json.loads(json.dumps({"data": str(Path(data).resolve()), "backbone": asdict(backbone),
                                     "head": head, "fixed_params": fixed, "val_split": val_split,
                                     "seed": seed, "calibrate": calibrate}, default=str))
-    study = open_study(output, config, seed, startup_trials(trials))
+    declared = declared_params(head)  # a head that trains by epochs: each is a unit of the pruner's resource
+    epochs = fixed.get("epochs", declared["epochs"].default) if "epochs" in declared else None
+    study = open_study(output, config, seed, startup_trials(trials),
+                       epoch_pruner(pruner, epochs) if pruner and epochs else None)
 
-    def fit(params: dict, fit_splits: Splits, folder: Path | None = None, run_reporter: Reporter = SILENT):
+    def fit(params: dict, fit_splits: Splits, folder: Path | None = None, run_reporter: Reporter = SILENT,
+            folds: int = 0):
         return repurpose(data, backbone=backbone, head=head, params={**params, **fixed}, output=folder,
                          val_split=val_split, seed=seed, calibrate=calibrate, force=True, options=options,
-                         splits=fit_splits, reporter=run_reporter).model
+                         splits=fit_splits, folds=folds, reporter=run_reporter).model
 
     if "baseline" not in study.user_attrs:  # the head's defaults: what tuning has to beat
         study.set_user_attr("baseline", fit({}, splits, run_reporter=reporter).metrics)
 
-    def objective(params: dict) -> tuple[float, float]:
-        metrics = fit(params, splits).metrics
+    def objective(params: dict, epoch_end: EpochEnd) -> tuple[float, float]:
+        metrics = fit_model(head, {**params, **fixed}, backbone=backbone, train=splits.train, val=splits.val,
+                            options=options, seed=seed, calibrated=calibrate,
+                            epoch_end=epoch_end if epochs else None)[0].metrics
         return metrics["nll"], metrics["accuracy"]
 
     run_trials(study, objective, space, trials, f"tuning {head}", reporter)
@@ -216,15 +306,31 @@ def tune(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptions(
     if best is None:
         reasons = sorted({r.error for r in records if r.error})
         raise XferkitError(f"every trial failed; first reasons: {'; '.join(reasons[:3])}")
-    both = Splits(merge(splits.train, splits.val), None, splits.test)
-    model = fit(best.params, both, output / "model", reporter)
+    if head_kind(head) == "features":  # cross-fitting keeps what calibrates the refitted model held out
+        refit, folds = Splits(merge(splits.train, splits.val), None, splits.test), REFIT_FOLDS
+        notes = [f"best trial refitted on train+val ({len(refit.train)} images); its temperature, prediction "
+                 f"sets and OOD threshold come from {REFIT_FOLDS}-fold cross-fitting"]
+    else:  # a pixel trainer is too costly to fit once per fold: its validation split stays held out
+        refit, folds = splits, 0
+        notes = ["best trial refitted on the training split; the validation split calibrates it"]
+    model = fit(best.params, refit, output / "model", reporter, folds)
     test_metrics = evaluate(model, Path(data) / "test", options=options, reporter=reporter).metrics \
         if splits.test else {}
+    if epochs:
+        notes.append(epochs_note(records, epochs))
+        reporter.note(notes[-1])
     result = TuneResult(head, records, best, study.user_attrs["baseline"], output / "model",
-                        test_metrics, splits.notes + [f"best trial refitted on train+val "
-                                                      f"({len(both.train)} images)"])
+                        test_metrics, splits.notes + notes)
     _write_outputs(result, output)
     return result
+
+
+def epochs_note(records: list[TrialRecord], max_epochs: int) -> str:
+    """How many trials were pruned and what share of the unpruned epochs the trials trained."""
+    ran = sum(r.epochs or 0 for r in records)
+    pruned = sum(r.state == "pruned" for r in records)
+    return (f"{pruned} of {len(records)} trials pruned; the trials trained {ran} epochs, "
+            f"{ran / (len(records) * max_epochs):.0%} of {len(records)} x {max_epochs}")
 
 
 def merge(a: LabelledImages, b: LabelledImages) -> LabelledImages:
@@ -247,8 +353,8 @@ def trials_csv(records: list[TrialRecord]) -> str:
     names = sorted({k for r in records for k in r.params})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", *names, "val_nll", "val_accuracy", "seconds", "error"])
+    writer.writerow(["trial", *names, "val_nll", "val_accuracy", "seconds", "state", "epochs", "error"])
     for r in records:
         writer.writerow([r.number, *(r.params.get(k) for k in names), r.val_nll, r.val_accuracy,
-                         r.seconds, r.error or ""])
+                         r.seconds, r.state, "" if r.epochs is None else r.epochs, r.error or ""])
     return buffer.getvalue()

@@ -6,8 +6,10 @@ scikit-learn.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +28,7 @@ from xferkit.cli.options import (
     Backbone,
     BatchSize,
     Calibrate,
+    Coverage,
     Device,
     Force,
     Head,
@@ -33,6 +36,7 @@ from xferkit.cli.options import (
     Json,
     Layer,
     NoCache,
+    OodRate,
     Pretrained,
     Seed,
     Settings,
@@ -71,16 +75,30 @@ def command(fn, group: typer.Typer | None = None):
     """Register *fn* as a command whose expected failures are one red line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 prints; every rank's error shows
         try:
-            return fn(*args, **kwargs)
+            with _quiet() if rank else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except XferkitError as err:
-            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            where = f"rank {rank}: " if rank else ""
+            console.print(f"[bold red]error:[/] {where}{escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: no model was saved (features extracted so far are "
                           "cached).[/]")
             raise typer.Exit(130) from None
     return (group or app).command(cls=_Command)(wrapper)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Nothing on stdout or stderr (the other torchrun ranks: rank 0 speaks for them)."""
+    console.quiet = True
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
+    finally:
+        console.quiet = False
 
 
 def _print_json(data) -> None:
@@ -118,7 +136,8 @@ def _one_head_params(head: str, settings: list[str] | None, flags: dict) -> dict
 
 DataArgument = Annotated[Path, typer.Argument(metavar="DATA", help="Folder with one sub-folder per class (or "
                                               "train/ val/ test/ folders of those), or a CSV of path,label.")]
-ModelArgument = Annotated[Path, typer.Argument(metavar="MODEL", help="Model folder written by repurpose.")]
+ModelArgument = Annotated[Path, typer.Argument(metavar="MODEL", help="Model folder written by repurpose (or, "
+                                               "to predict and evaluate, a .onnx file written by export).")]
 
 
 @command
@@ -157,6 +176,10 @@ def repurpose(
         c = model.calibration
         out.print(f"calibration: temperature {c.temperature:.3f}; validation NLL {c.nll_before:.4f} -> "
                   f"{c.nll_after:.4f}, ECE {c.ece_before:.4f} -> {c.ece_after:.4f}")
+    if model.held_out:
+        held = model.held_out
+        out.print(Text(f"held out for prediction sets (--coverage) and OOD flags (by {held.ood_score}): "
+                       f"{len(held.conformal_scores)} images, {held.source}"))
     out.print(Text(f"saved {output} ({len(model.classes)} classes, {model.info['n_train']} training images) "
                    f"in {summary['seconds']:.1f}s"))
 
@@ -170,14 +193,23 @@ def evaluate(
                                                "reliability PNGs into this folder.")] = None,
     min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", min=0.0, max=1.0, help="Exit with "
                                                        "code 1 if test accuracy is below this.")] = None,
+    coverage: Coverage = None,
+    ood: Annotated[Path | None, typer.Option("--ood", metavar="FOLDER", help="Images of another kind: report "
+                                             "the AUROC of the out-of-distribution score between DATA and "
+                                             "them, and the share flagged at --ood-rate.")] = None,
+    ood_rate: OodRate = None,
     device: Device = EXTRACT.device, batch_size: BatchSize = EXTRACT.batch_size, workers: Workers = None,
     no_cache: NoCache = False, strict: Strict = False, as_json: Json = False,
 ) -> None:
-    """Report accuracy, macro-F1, NLL, calibration (ECE), Brier and the confusion matrix."""
+    """Report accuracy, macro-F1, NLL, calibration (ECE), Brier and the confusion matrix.
+
+    --coverage adds the coverage and mean size of prediction sets; --ood the OOD detection.
+    """
     from xferkit.api import evaluate as run
 
     result = run(model, data, options=_extract_options(device, batch_size, workers, no_cache, strict),
-                 plots=plots, reporter=RichReporter())
+                 plots=plots, coverage=coverage, ood=ood, reporter=RichReporter(),
+                 **({"ood_rate": ood_rate} if ood_rate is not None else {}))
     if as_json:
         _print_json(result.to_json())
     else:
@@ -200,18 +232,20 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000, help="How many labels to show.")] = 3,
     csv_path: Annotated[Path | None, typer.Option("--csv", metavar="FILE", help="Also write the predictions "
                                                   "to this CSV file.")] = None,
+    coverage: Coverage = None, ood_rate: OodRate = None,
     device: Device = EXTRACT.device, batch_size: BatchSize = EXTRACT.batch_size, workers: Workers = None,
     no_cache: NoCache = False, strict: Strict = False, as_json: Json = False,
 ) -> None:
-    """Label new images, with probabilities, top-k labels and an uncertainty."""
+    """Label new images, with probabilities, top-k labels, uncertainties and an out-of-distribution flag."""
     from xferkit.api import predict as run
 
-    result = run(model, images, top_k=top_k, csv=csv_path, reporter=RichReporter(),
+    result = run(model, images, top_k=top_k, csv=csv_path, coverage=coverage, ood_rate=ood_rate,
+                 reporter=RichReporter(),
                  options=_extract_options(device, batch_size, workers, no_cache, strict))
     if as_json:
         return _print_json(result.to_json())
     _report_skipped(result.skipped)
-    out.print(render.predictions_table(result, top_k))
+    out.print(render.predictions_table(result, top_k, coverage))
 
 
 @command
@@ -318,6 +352,9 @@ def tune(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the trials journal, "
                                                 "table, plot and the best model (default: "
                                                 "runs/tune-HEAD).")] = None,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", metavar="", help="Stop trials whose validation "
+                                        "NLL trails the others' at the same epoch (Hyperband; heads "
+                                        "that train by epochs: bnn, finetune, scratch).")] = True,
     backbone: Backbone = BACKBONE.name, settings: Settings = None,
     val_split: ValSplit = SPLIT.val_split, seed: Seed = SPLIT.seed, calibrate: Calibrate = True,
     weights: Weights = None, pretrained: Pretrained = True, layer: Layer = None,
@@ -330,13 +367,15 @@ def tune(
     Parameters given with --set or the head flags stay fixed; the others are searched.
     """
     from xferkit.api import tune as run
+    from xferkit.api.tuning import PRUNER
 
     head = head.value
     fixed = _one_head_params(head, settings, head_flags or {})
     output = output or Path("runs") / f"tune-{head}"
     result = run(data, backbone=BackboneOptions(backbone, weights, pretrained, layer, image_size), head=head,
                  output=output, trials=trials, head_params=fixed, val_split=val_split, seed=seed,
-                 calibrate=calibrate, options=_extract_options(device, batch_size, workers, no_cache, strict),
+                 calibrate=calibrate, pruner=PRUNER if prune else None,
+                 options=_extract_options(device, batch_size, workers, no_cache, strict),
                  reporter=RichReporter())
     if as_json:
         return _print_json(result.to_json())
@@ -345,8 +384,8 @@ def tune(
               f"{result.best.val_nll:.4f} with the best trial ({result.best.number})")
     if result.test_metrics:
         out.print(render.metrics_table(result.test_metrics, "test metrics of the refitted best model"))
-    out.print(Text(f"saved {result.model_folder} (best configuration refitted on train+val); "
-                   f"wrote {', '.join(result.files)}"))
+    out.print(Text(f"saved {result.model_folder} (the best configuration refitted: feature heads on "
+                   f"train+val, calibrated by cross-fitting); wrote {', '.join(result.files)}"))
 
 
 cache_app = typer.Typer(help="See, check and empty the feature cache ($XFERKIT_CACHE, default "
@@ -406,3 +445,24 @@ def clear(root: CacheRoot = None,
     if as_json:
         return _print_json(report.to_json())
     out.print(f"removed {len(report.folders)} extractor folder(s), {report.removed_bytes / 1e6:.1f} MB")
+
+
+@command
+def export(
+    model: ModelArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="ONNX file to write "
+                                         "(.onnx); `xferkit predict FILE IMAGES` reads it back.")],
+    exporter: Annotated[str, typer.Option("--exporter", help="torch's ONNX exporter: auto (dynamo, else "
+                                          "torchscript), dynamo or torchscript.")] = "auto",
+    force: Force = False, as_json: Json = False,
+) -> None:
+    """Export a model to one ONNX graph (uint8 images in, calibrated probabilities out) for onnxruntime."""
+    from xferkit.api import export as run
+
+    result = run(model, output, force=force, exporter=exporter, reporter=RichReporter())
+    summary = result.to_json()
+    if as_json:
+        return _print_json(summary)
+    out.print(Text(f"wrote {output} ({summary['bytes'] / 1e6:.1f} MB; {summary['head']} head as "
+                   f"{summary['head_method']}, {summary['exporter']} exporter; onnxruntime matches torch "
+                   f"within {summary['onnxruntime_vs_torch_max_abs_diff']:.1e})"))

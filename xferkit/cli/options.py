@@ -36,7 +36,8 @@ ImageSize = Annotated[int | None, typer.Option("--image-size", min=8, max=4096, 
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=65536, help="Images per forward pass.")]
 Workers = Annotated[int | None, typer.Option("--workers", min=0, max=256, help="Image-decoding processes "
-                    "(default: chosen from the core count).")]
+                    "(default: chosen from the core count). Compute threads (torch, OpenMP) are the cores "
+                    "they leave, BLAS gets one; $XFERKIT_THREADS sets the compute threads instead.")]
 NoCache = Annotated[bool, typer.Option("--no-cache", metavar="", help="Do not read or write the feature "
                     "cache ($XFERKIT_CACHE, default ~/.cache/xferkit).")]
 Strict = Annotated[bool, typer.Option("--strict", metavar="", help="Fail on the first unreadable image "
@@ -50,6 +51,12 @@ ValSplit = Annotated[float, typer.Option("--val-split", min=0.0, max=0.9, help="
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for the splits and the heads.")]
 Calibrate = Annotated[bool, typer.Option("--calibrate/--no-calibrate", metavar="", help="Fit a temperature "
                       "on the validation split so that probabilities match accuracy.")]
+Coverage = Annotated[float | None, typer.Option("--coverage", min=0.0, max=1.0, help="Conformal prediction "
+                     "sets: for each image the labels that hold the true one with this probability (e.g. "
+                     "0.9), from the model's held-out scores.")]
+OodRate = Annotated[float | None, typer.Option("--ood-rate", min=0.0, max=1.0, help="False-alarm rate of the "
+                    "out-of-distribution flag: the share of images like the training ones flagged "
+                    "\\[default: 0.05].", show_default=False)]
 Head = Annotated[HeadName, typer.Option("--head", help="How to repurpose the backbone: a head on its "
                                        "features (lr, gp, bnn) or a network trained on pixels (finetune, "
                                        "scratch).")]

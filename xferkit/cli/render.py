@@ -8,7 +8,8 @@ from rich.text import Text
 
 #: How compare's columns are titled and formatted.
 COLUMN_TITLES = {"accuracy": ("acc", ".3f"), "macro_f1": ("F1", ".3f"), "nll": ("NLL", ".3f"),
-                 "ece": ("ECE", ".3f"), "brier": ("Brier", ".3f"), "fit_seconds": ("fit s", ".1f"),
+                 "ece": ("ECE", ".3f"), "brier": ("Brier", ".3f"), "coverage": ("cov@.9", ".3f"),
+                 "mean_set_size": ("set", ".2f"), "fit_seconds": ("fit s", ".1f"),
                  "predict_ms_per_image": ("ms/img", ".2f"), "size_mb": ("MB", ".3g")}
 
 
@@ -42,24 +43,38 @@ def confusion_table(matrix, classes: list[str]) -> Table:
     return table
 
 
-def predictions_table(result, top_k: int) -> Table:
+def predictions_table(result, top_k: int, coverage: float | None = None) -> Table:
+    """One row an image; the prediction set (at *coverage*) and the OOD flag where the result has them."""
     rows = result.predictions
+    first = rows[0] if rows else None
+    sets = first is not None and first.prediction_set is not None
+    flags = first is not None and first.ood is not None
     table = Table(title=f"predictions ({len(rows)} images)")
-    for column in ("image", "label", "probability", f"top {top_k}", *(rows[0].uncertainty if rows else ())):
+    columns = ("image", "label", "probability", f"top {top_k}", *([f"set ({coverage:g})"] if sets else []),
+               *(["OOD"] if flags else []), *(first.uncertainty if first else ()))
+    for column in columns:
         table.add_column(column, justify="left" if column in ("image", "label") else "right")
     for r in rows:
         table.add_row(Text(str(r.path)), Text(r.label), f"{r.probability:.3f}",
                       Text(", ".join(f"{c} {p:.2f}" for c, p in r.top_k)),
+                      *([Text("{" + ", ".join(r.prediction_set) + "}")] if sets else []),
+                      *([_flag(r.ood)] if flags else []),
                       *(f"{v:.3f}" for v in r.uncertainty.values()))
     return table
+
+
+def _flag(ood: bool) -> Text:
+    return Text("yes", style="bold red") if ood else Text("no", style="dim")
 
 
 def comparison_table(result) -> Table:
     sizes = result.sizes
     table = Table(title=f"test set: {sizes['test']} images (train {sizes['train']}, val "
                         f"{sizes['val']}); best of each column in bold green",
-                  caption="F1: macro-F1; fit s excludes the shared feature extraction; ms/img: "
-                          "prediction end to end (backbone included); MB: model folder")
+                  caption="F1: macro-F1; cov@.9, set: coverage and mean size of 90 % conformal prediction "
+                          "sets; fit s excludes the shared feature extraction; ms/img: "
+                          "prediction (feature heads: the head alone, the backbone's cost is in the "
+                          "notes; pixel heads: end to end); MB: model folder")
     table.add_column("head", no_wrap=True)
     for title, _ in COLUMN_TITLES.values():
         table.add_column(title, justify="right")
@@ -68,8 +83,8 @@ def comparison_table(result) -> Table:
         if row.status != "ok":
             table.add_row(row.head, "[red]failed[/]", *[""] * (len(COLUMN_TITLES) - 1))
             continue
-        table.add_row(row.head, *(Text(f"{row.metrics[c]:{fmt}}",
-                                       style="bold green" if best[c] == row.head else "")
+        table.add_row(row.head, *(Text("–" if row.metrics[c] is None else f"{row.metrics[c]:{fmt}}",
+                                       style="bold green" if best.get(c) == row.head else "")
                                   for c, (_, fmt) in COLUMN_TITLES.items()))
     return table
 

@@ -1,10 +1,8 @@
-"""Pick the compute device and a thread budget that does not oversubscribe small machines."""
+"""Pick the compute device and the number of image-decoding workers for it."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -43,16 +41,3 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return min(cores, 16)
     return max(1, min(cores // 4, 8))
-
-
-@contextmanager
-def feeding_threads(device: torch.device, workers: int) -> Iterator[None]:
-    """While *workers* processes decode for a GPU, the main process only feeds it: it keeps
-    the cores the workers leave (its idle intra-op threads would otherwise spin on theirs)."""
-    before = torch.get_num_threads()
-    if device.type == "cuda":
-        torch.set_num_threads(max(1, min(before, available_cores() - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -21,9 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from xferkit.backbones import Backbone
-from xferkit.core.devices import default_workers, feeding_threads, resolve_device
+from xferkit.core.devices import default_workers, resolve_device
+from xferkit.core.distributed import all_gather_objects, init, shard
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
+from xferkit.core.threads import thread_budget
 from xferkit.features.cache import FeatureCache, content_keys, default_cache_dir
 from xferkit.features.loader import Chunk, ExtractionItems, chunk_loader
 from xferkit.io.jpeg_device import decode_oriented, gpu_decode_available
@@ -56,8 +58,31 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
     ``decode`` says where plain JPEGs are decoded: ``"workers"`` (PIL, in draft mode, in the worker
     processes), ``"device"`` (torchvision on the extraction device: nvJPEG on a GPU) or ``"auto"``
     (the device when it is a GPU with nvJPEG, else the workers); other files always use the workers.
+    Under torchrun each rank extracts (and caches) its own contiguous shard of *paths*, and every
+    rank gets all the features.
     """
     paths = [Path(p) for p in paths]
+    sharded = init()  # under torchrun: joined first, so that "cuda" means this rank's GPU
+    here = shard(len(paths))
+    feats = _extract(backbone, paths[here.start:here.stop], device, batch_size, workers, cache, decode,
+                     reporter)
+    if sharded:
+        feats = _gathered(feats, here.start)
+    if strict:
+        refuse_skipped(feats.skipped)
+    return feats
+
+
+def _gathered(local: Features, start: int) -> Features:
+    """Every rank's features in input order (the shards are contiguous, so rank order is input order)."""
+    parts = all_gather_objects((local.features, local.kept + start, local.skipped, local.from_cache))
+    return Features(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    [s for p in parts for s in p[2]], sum(p[3] for p in parts))
+
+
+def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int, workers: int | None,
+             cache: bool | str | Path, decode: str, reporter: Reporter) -> Features:
+    """:func:`extract_features` in this process, skipped files listed (never an error)."""
     dev = resolve_device(device)
     device_jpegs = _decode_on_device(decode, dev, backbone.preprocess)
     store = None
@@ -97,8 +122,6 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
             flush()
         failures = {int(todo[j]): message for j, message in failures.items()}
     skipped = [(paths[i], failures[i]) for i in sorted(failures)]
-    if strict:
-        refuse_skipped(skipped)
     kept = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
     return Features(out[kept], kept, skipped, len(found))
 
@@ -120,7 +143,7 @@ def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, b
     normalize, pending = Normalizer(backbone.preprocess, device), None
     try:
         with (reporter.task(f"extracting {backbone.name}", len(paths)) as task,
-              feeding_threads(device, workers), inference_context(device)):
+              thread_budget(workers), inference_context(device)):
             for index, images in _batches(loader, normalize, batch_size, failures, task):
                 feats = _to_host(model(images))
                 if pending is not None:

@@ -8,12 +8,10 @@ split for early stopping, and trains. ``save`` writes JSON and safetensors, neve
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import import_module
 from numbers import Integral, Real
@@ -22,22 +20,32 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError
 from sklearn.utils.validation import check_is_fitted
+from torch import nn
 
 from xferkit.backbones import Backbone
+from xferkit.core import distributed
 from xferkit.core.devices import resolve_device
 from xferkit.core.errors import InvalidParameter, XferkitError
 from xferkit.core.metrics import predictive_entropy
 from xferkit.core.reporting import SILENT, ProgressCallback, Reporter
+from xferkit.core.saved import (
+    blame,
+    checked,
+    checked_classes,
+    expect_keys,
+    read_json_object,
+    read_safetensors,
+    require,
+)
 from xferkit.features import Features, extract_features
 from xferkit.finetune import PIXEL_TRAINERS
 from xferkit.finetune.loaders import train_loader, validation_batches
-from xferkit.finetune.loop import Budget, train_classifier
+from xferkit.finetune.loop import Budget, EpochEnd, train_classifier
 from xferkit.finetune.network import ImageClassifier
 from xferkit.io.data import LabelledImages, stratified_split
 from xferkit.io.files import atomic_write_bytes
@@ -93,11 +101,13 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
     # --- fitting ---------------------------------------------------------------------------------
-    def fit(self, X: Sequence, y: Sequence, *, progress: ProgressCallback | None = None) -> PixelClassifier:
+    def fit(self, X: Sequence, y: Sequence, *, progress: ProgressCallback | None = None,
+            epoch_end: EpochEnd | None = None) -> PixelClassifier:
         """Train on image paths *X* with labels *y*, stopping early on a stratified hold-out of them.
 
         The hold-out is ``validation_fraction`` of each class (classes too small for one stay whole).
-        ``progress(done, total, info)`` is called after every optimiser step (counted in batches).
+        ``progress(done, total, info)`` is called after every optimiser step (counted in batches);
+        ``epoch_end(epoch, val_nll)`` after every epoch on the hold-out, and True from it stops training.
         Images that fail to decode are skipped.
         """
         self._check_params()
@@ -110,6 +120,7 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         seed = int(np.random.SeedSequence(self.random_state).generate_state(1)[0])
         data = LabelledImages(paths, codes, list(classes))
         train, val = stratified_split(data, self.validation_fraction, seed)
+        distributed.init()  # under torchrun: before the device is chosen ("cuda" is then this rank's GPU)
         backbone, device = self._create_backbone(), resolve_device(self.device)
         torch.manual_seed(seed)
         random.seed(seed)  # timm's random-resized crop draws from Python's generator
@@ -119,12 +130,14 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         loader = train_loader(train.paths, preprocess, device, self.batch_size, self.workers, seed)
         val_batches = val_labels = None
         if val is not None and len(val):
-            val_batches = validation_batches(val.paths, preprocess, device, self.batch_size, self.workers)
-            val_labels = torch.as_tensor(val.labels, dtype=torch.long)
+            part = distributed.shard(len(val))  # every image, without torchrun
+            val_batches = validation_batches(val.paths[part.start:part.stop], preprocess, device,
+                                             self.batch_size, self.workers)
+            val_labels = torch.as_tensor(val.labels[part.start:part.stop], dtype=torch.long)
         budget = Budget(self.epochs, self.patience, self.max_time, self.label_smoothing)
         history = train_classifier(network, groups, loader, torch.as_tensor(train.labels, dtype=torch.long),
                                    val_batches, val_labels, Normalizer(preprocess, device), budget, progress,
-                                   optimizer_step)
+                                   optimizer_step, epoch_end)
         self.classes_, self.backbone_, self.history_ = classes, backbone, history
         self.network_ = network.cpu().eval()
         return self
@@ -151,6 +164,11 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         with torch.no_grad():
             logits = self.network_.classifier(torch.from_numpy(feats.features))
         return torch.softmax(logits, dim=1).numpy(), feats
+
+    def torch_modules(self) -> dict[str, nn.Module]:
+        """The trained network with a softmax: normalised images to probabilities (for export)."""
+        check_is_fitted(self, "network_")
+        return {"exact": nn.Sequential(self.network_.eval(), nn.Softmax(dim=1))}
 
     def predict_proba(self, X: Sequence) -> np.ndarray:
         """``(n, n_classes)`` probabilities for image paths; an unreadable file is an error here."""
@@ -187,41 +205,41 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         """
         folder = Path(folder)
         meta_path, tensors_path = folder / MANIFEST, folder / TENSORS
-        with _blame(meta_path):
-            manifest = _read_json_object(meta_path)
+        with blame(meta_path):
+            manifest = read_json_object(meta_path)
             name = manifest.get("name")
-            _require(isinstance(name, str) and name in PIXEL_TRAINERS,
-                     f"names an unknown pixel trainer {name!r}; known: {', '.join(PIXEL_TRAINERS)}")
+            require(isinstance(name, str) and name in PIXEL_TRAINERS,
+                    f"names an unknown pixel trainer {name!r}; known: {', '.join(PIXEL_TRAINERS)}")
             estimator = trainer_class(name)
             if not issubclass(estimator, cls):
                 raise XferkitError(f"{folder} holds a {name} model, not a {cls.name} one.")
-            _expect_keys(manifest, ("name", "params", "classes", "classes_dtype", "info"))
+            expect_keys(manifest, ("name", "params", "classes", "classes_dtype", "info"))
             params = manifest["params"]
-            _expect_keys(params, estimator().get_params(), "params")
-            _require(all(value.isprintable() for value in params.values() if isinstance(value, str)),
-                     "params hold a string with line breaks or control characters")
+            expect_keys(params, estimator().get_params(), "params")
+            require(all(value.isprintable() for value in params.values() if isinstance(value, str)),
+                    "params hold a string with line breaks or control characters")
             trainer = estimator(**params)
-            _checked(trainer._validate_params)
-            classes = _checked_classes(manifest["classes"], manifest["classes_dtype"])
+            checked(trainer._validate_params)
+            classes = checked_classes(manifest["classes"], manifest["classes_dtype"])
             info = manifest["info"]
-            _expect_keys(info, ("history", "backbone"), "info")
+            expect_keys(info, ("history", "backbone"), "info")
             recorded = info["backbone"].get("weights_digest") if isinstance(info["backbone"], dict) else None
-            _require(isinstance(info["history"], dict) and isinstance(recorded, str)
-                     and re.fullmatch("[0-9a-f]{64}", recorded) is not None,
-                     "info must hold a history object and a backbone with its weights_digest (a sha256)")
+            require(isinstance(info["history"], dict) and isinstance(recorded, str)
+                    and re.fullmatch("[0-9a-f]{64}", recorded) is not None,
+                    "info must hold a history object and a backbone with its weights_digest (a sha256)")
         try:
             backbone = trainer._create_backbone()
             network = trainer._build_network(backbone, len(classes))
         except (XferkitError, RuntimeError) as err:  # timm refuses an unknown tag with a RuntimeError
             raise XferkitError(f"{meta_path}: the network it describes cannot be built: {err}") from None
-        with _blame(tensors_path):
-            state = _read_tensors(tensors_path)
+        with blame(tensors_path):
+            state = read_safetensors(tensors_path, load_file)
         if set(state) != set(network.state_dict()) and backbone.weights_digest != recorded:
             raise XferkitError(
                 f"the weights found for {backbone.name} ({backbone.weights_source}) are not the ones this "
                 f"model was trained on (sha256 {backbone.weights_digest[:12]}, recorded {recorded[:12]} in "
                 f"{meta_path}). Restore the original weights file, or train the model again on them.")
-        with _blame(tensors_path):
+        with blame(tensors_path):
             _expect_tensors(state, network, f"the {name} network {MANIFEST} describes")
         network.load_state_dict(state, strict=False)
         trainer.classes_, trainer.backbone_, trainer.history_ = classes, backbone, info["history"]
@@ -237,101 +255,24 @@ def trainer_class(name: str) -> type[PixelClassifier]:
     return getattr(import_module(module), attribute)
 
 
-# --- checks of saved files: each raises _Damaged, which ``_blame`` turns into the user's error ---------
-# (the same checks as xferkit.heads.base's: the layers keep heads and pixel trainers apart)
-class _Damaged(Exception):
-    """Something in a saved trainer that ``save`` cannot have written; ``load`` names the file."""
-
-
-def _require(ok: bool, problem: str) -> None:
-    """Raise :class:`_Damaged` with *problem* unless *ok*: the one check every other one goes through."""
-    if not ok:
-        raise _Damaged(problem)
-
-
-def _checked(validate: Callable, *args) -> None:
-    """Run a scikit-learn parameter validation, its refusal a :class:`_Damaged`."""
-    try:
-        validate(*args)
-    except InvalidParameterError as err:
-        raise _Damaged(str(err)) from None
-
-
-@contextmanager
-def _blame(path: Path) -> Iterator[None]:
-    """Turn a :class:`_Damaged` raised inside into the XferkitError that names *path* and what to do."""
-    try:
-        yield
-    except _Damaged as err:
-        raise XferkitError(f"{path}: {str(err).rstrip('.')}; the model folder is damaged: "
-                           "repurpose the model again.") from None
-
-
-def _read_json_object(path: Path) -> dict:
-    """The JSON object in *path*."""
-    _require(path.is_file(), "no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise _Damaged(f"cannot be read as JSON ({err})") from None
-    _require(isinstance(data, dict), f"holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _expect_keys(data, keys, where: str = "") -> None:
-    """*data* must be a JSON object with exactly *keys*."""
-    what = f"{where} " if where else ""
-    _require(isinstance(data, dict), f"{what or 'the file '}must be a JSON object")
-    missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
-    _require(not missing, f"{what}lacks {', '.join(missing)}")
-    _require(not unknown, f"{what}has unknown keys {', '.join(unknown)}")
-
-
-def _checked_classes(classes, dtype) -> np.ndarray:
-    """The labels *classes* as an array of *dtype*: distinct JSON scalars that survive the conversion."""
-    _require(isinstance(classes, list) and len(classes) >= 2 and all(map(_is_scalar, classes))
-             and len({json.dumps(c) for c in classes}) == len(classes),
-             "classes must be a list of at least two distinct labels")
-    try:
-        labels = np.array(classes, dtype=np.dtype(dtype))
-    except (TypeError, ValueError, OverflowError) as err:
-        raise _Damaged(f"classes_dtype {dtype!r} cannot hold the classes ({err})") from None
-    _require(json.dumps(labels.tolist()) == json.dumps(classes),
-             f"the classes do not survive conversion to classes_dtype {dtype!r}")
-    return labels
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors file *path* (a safetensors file holds no code, so reading it runs none)."""
-    _require(path.is_file(), "no such file")
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError, TypeError, ValueError) as err:
-        raise _Damaged(f"is not a readable safetensors file ({err})") from None
-
-
+# --- checks of saved tensors (the shared checks of saved files are in xferkit.core.saved) ------------
 def _expect_tensors(state: dict[str, torch.Tensor], network: ImageClassifier, what: str) -> None:
     """*state* must be exactly *network*'s learned tensors: shapes, dtypes, finite, variances >= 0."""
     expected = network.learned_state()
     differ = sorted(set(state) ^ set(expected))
-    _require(not differ, f"does not fit {what} ({len(differ)} tensors missing or unexpected: "
-                         f"{', '.join(differ[:3])})")
+    require(not differ, f"does not fit {what} ({len(differ)} tensors missing or unexpected: "
+                        f"{', '.join(differ[:3])})")
     for key, want in expected.items():
         got = state[key]
-        _require(got.shape == want.shape and got.dtype == want.dtype,
-                 f"tensor {key!r} is {got.dtype} of shape {tuple(got.shape)}, not {want.dtype} of shape "
-                 f"{tuple(want.shape)}")
-        _require(not got.is_floating_point() or bool(got.isfinite().all()),
-                 f"tensor {key!r} holds NaN or infinite values")
+        require(got.shape == want.shape and got.dtype == want.dtype,
+                f"tensor {key!r} is {got.dtype} of shape {tuple(got.shape)}, not {want.dtype} of shape "
+                f"{tuple(want.shape)}")
+        require(not got.is_floating_point() or bool(got.isfinite().all()),
+                f"tensor {key!r} holds NaN or infinite values")
     variances = {f"{name}.running_var" for name, module in network.named_modules()
                  if getattr(module, "running_var", None) is not None}
     negative = sorted(key for key in variances & set(state) if bool((state[key] < 0).any()))
-    _require(not negative, f"tensor {', '.join(negative[:1])!r} holds negative variances")
-
-
-def _is_scalar(value) -> bool:
-    """A JSON string, boolean, integer or finite number: what a label can be."""
-    return isinstance(value, (str, bool, int)) or isinstance(value, float) and math.isfinite(value)
+    require(not negative, f"tensor {', '.join(negative[:1])!r} holds negative variances")
 
 
 def _json_value(value):

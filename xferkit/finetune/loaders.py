@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from xferkit.core.devices import default_workers
+from xferkit.core.distributed import rank, world_size
 from xferkit.features.loader import collate_images, image_loader
 from xferkit.io.images import UnreadableImage, load_rgb
 from xferkit.preprocess import Preprocess, train_transform
@@ -51,13 +52,18 @@ def train_loader(paths: list[Path], preprocess: Preprocess, device: torch.device
                  workers: int | None, seed: int) -> DataLoader:
     """Shuffled, augmented batches (see :func:`training_batch_size`); a short last one is dropped.
 
-    Images that fail to decode are left out of their batch.
+    Images that fail to decode are left out of their batch. Under torchrun *batch_size* is the
+    global batch: each rank reads its share of it from its own shard of a common shuffle (the
+    sampler's ``set_epoch`` reshuffles every epoch), so every rank takes as many steps.
     """
     workers = default_workers(device) if workers is None else workers
     batch_size = training_batch_size(len(paths), batch_size)
-    return DataLoader(AugmentedImages(paths, train_transform(preprocess)),
-                      batch_size=min(batch_size, len(paths)), shuffle=True,
-                      drop_last=len(paths) > batch_size, num_workers=workers,
+    dataset, sampler, n = AugmentedImages(paths, train_transform(preprocess)), None, len(paths)
+    if world_size() > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+        n, batch_size = len(sampler), max(1, batch_size // world_size())
+    return DataLoader(dataset, sampler=sampler, batch_size=min(batch_size, n), shuffle=sampler is None,
+                      drop_last=n > batch_size, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed), collate_fn=collate_images,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 

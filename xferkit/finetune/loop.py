@@ -2,7 +2,9 @@
 
 AdamW (fused) with timm's linear warm-up then cosine decay, stepped every update; label
 smoothing; early stopping on validation loss in the schedule's second half (best weights
-restored); a time budget; bf16 autocast on CUDA.
+restored); a time budget; bf16 autocast on CUDA. Under torchrun the network trains data-parallel
+(DistributedDataParallel: each rank's share of the global batch, gradients averaged in backward),
+validation sums are all-reduced, and rank 0's stopping decision and the time budget hold for all ranks.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
+from xferkit.core.distributed import all_reduce_sum, broadcast_object, init, world_size
 from xferkit.core.reporting import ProgressCallback
 from xferkit.finetune.network import ImageClassifier
 from xferkit.preprocess import Normalizer
 
 #: Batches timed in the first epoch before the time per epoch is estimated.
 ESTIMATE_AFTER = 5
+#: ``epoch_end(epoch, val_nll) -> stop``: told each epoch's validation NLL; True stops training.
+EpochEnd = Callable[[int, float], bool]
 
 
 @dataclass
@@ -54,14 +60,20 @@ def adamw_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict
 def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLoader, labels: torch.Tensor,
                      val: Iterable | None, val_labels: torch.Tensor | None, normalize: Normalizer,
                      budget: Budget, progress: ProgressCallback | None = None,
-                     optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
+                     optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
+                     epoch_end: EpochEnd | None = None) -> dict:
     """Train *network* in place; with validation data, keep the epoch of lowest validation loss.
 
     ``progress(done, total, info)`` hears of every step (in batches); ``optimizer_step`` replaces
-    ``optimizer.step()`` (random freeze masks gradients there). Returns the history as a JSON-able dict.
+    ``optimizer.step()`` (random freeze masks gradients there); ``epoch_end(epoch, val_loss)`` hears
+    every validated epoch and stops training by returning True (tuning prunes a poor trial so).
+    Returns the history as a JSON-able dict.
     """
     device = normalize.device
     optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
+    model = network
+    if init():  # under torchrun: gradients averaged over the ranks' batches during backward
+        model = DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
     step = optimizer_step or (lambda opt: opt.step())
     total = budget.epochs * len(train)
     warmup = max(1, min(len(train), total // 10))
@@ -75,8 +87,10 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
     for epoch in range(1, budget.epochs + 1):
         network.train()
         losses = []
+        if isinstance(train.sampler, DistributedSampler):
+            train.sampler.set_epoch(epoch)  # a new common shuffle each epoch
         for batch, (index, images, _) in enumerate(train):
-            if budget.max_time is not None and time.perf_counter() - start > budget.max_time:
+            if budget.max_time is not None and _out_of_time(start, budget.max_time):
                 history["stopped"] = "max_time"
                 break
             done = (epoch - 1) * len(train) + batch + 1
@@ -84,7 +98,7 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
                 continue
             schedule.step_update(done)  # this update's learning rate: linear warm-up, then cosine
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(network(normalize(images)).float(), labels[index].to(device))
+                loss = loss_fn(model(normalize(images)).float(), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step(optimizer)
@@ -105,12 +119,16 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
                 best_state = {k: v.detach().clone() for k, v in network.learned_state().items()}
             elif kept and epoch - best_epoch >= budget.patience:
                 history["stopped"] = "patience"
+            if epoch_end is not None and epoch_end(epoch, val_loss):
+                history["stopped"] = "epoch_end"
+        history["stopped"] = broadcast_object(history["stopped"])  # rank 0 decides for every rank
         if history["stopped"] != "epochs":
             break
     if best_state is not None:
         network.load_state_dict(best_state, strict=False)
     seconds = time.perf_counter() - start
-    history.update(epochs_run=epoch, best_epoch=best_epoch or epoch, batch_size=train.batch_size,
+    history.update(epochs_run=epoch, best_epoch=best_epoch or epoch,
+                   batch_size=train.batch_size * world_size(),  # the global batch
                    seconds=round(seconds, 3), seconds_per_epoch=round(seconds / epoch, 3))
     return history
 
@@ -118,7 +136,10 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
 @torch.no_grad()
 def validate(network: nn.Module, loader: Iterable, labels: torch.Tensor, normalize: Normalizer
              ) -> tuple[float, float]:
-    """Mean negative log-likelihood (no smoothing) and accuracy on the evaluation transform."""
+    """Mean negative log-likelihood (no smoothing) and accuracy on the evaluation transform.
+
+    Under torchrun *loader* holds this rank's share of the validation images; the sums are all-reduced.
+    """
     network.eval()
     device, nll, correct, n = normalize.device, 0.0, 0, 0
     for index, images, _ in loader:
@@ -130,4 +151,10 @@ def validate(network: nn.Module, loader: Iterable, labels: torch.Tensor, normali
         nll += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
         n += len(index)
+    nll, correct, n = all_reduce_sum(torch.tensor([nll, correct, n], dtype=torch.float64)).tolist()
     return nll / max(n, 1), correct / max(n, 1)
+
+
+def _out_of_time(start: float, max_time: float) -> bool:
+    """Whether *max_time* seconds have passed, on any rank (so that every rank stops at the same step)."""
+    return bool(all_reduce_sum(torch.tensor([float(time.perf_counter() - start > max_time)])).item())

@@ -14,6 +14,7 @@ FEATURE_HEADS = {
     "lr": "xferkit.heads.lr:LogisticHead",
     "gp": "xferkit.heads.gp:GPHead",
     "bnn": "xferkit.heads.bnn:BNNHead",
+    "laplace": "xferkit.heads.laplace:LaplaceHead",
 }
 
 _LAZY_EXPORTS = {"FeatureHead": "xferkit.heads.base:FeatureHead",

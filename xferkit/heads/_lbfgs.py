@@ -1,47 +1,118 @@
 """A batched, preconditioned L-BFGS for multinomial logistic regression in torch (the LR head's large solver).
 
 It minimises scikit-learn's objective (mean log-loss plus ``||W||^2 / (2 C n)``, the intercept
-unpenalised) for several C at once on the same data, on the GPU when there is one.
+unpenalised) for several C at once on the same data, on the GPU when there is one. The exact
+full-batch gradient is computed a chunk of rows at a time, so memory is O(chunk): the rows may be a
+memory-mapped array read from disk, and under torchrun each rank may hold only its part of them
+(``sharded``), the sums then all-reduced so that every rank takes the same steps to the same optimum.
 """
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import torch
+
+from xferkit.core.distributed import all_reduce_sum
 
 TOL = 1e-4  # largest gradient entry at the optimum found (scikit-learn's default)
 FTOL = 1e-6  # decrease of the loss the next step predicts, relative to the loss
+#: Rows per chunk of the objective and gradient: the working memory is about three chunks of features.
+CHUNK_ROWS = 32768
+
+
+class _Chunks:
+    """The rows of X a chunk at a time on *device*, standardised on the way (``(x - shift) / scale``).
+
+    X is a torch tensor, or a numpy array (a memory-mapped one is copied a chunk at a time and its
+    pages are let go after each, so a matrix larger than memory streams from the page cache).
+    """
+
+    def __init__(self, X, device: torch.device, shift=None, scale=None, chunk_rows: int = CHUNK_ROWS):
+        self.X, self.device, self.chunk_rows = X, device, chunk_rows
+        self.n, self.d = X.shape
+        self.shift, self.scale = (None if a is None else torch.as_tensor(a, dtype=torch.float32).to(device)
+                                  for a in (shift, scale))
+
+    def __iter__(self):
+        """``(first row, rows)`` of each chunk in order."""
+        for start in range(0, self.n, self.chunk_rows):
+            yield start, self._prepared(self.X[start:start + self.chunk_rows])
+
+    def take(self, index: np.ndarray) -> torch.Tensor:
+        """The rows at *index* (in sorted order), prepared like a chunk.
+
+        A numpy array is read in one pass, chunk by chunk: scattered reads of a memory map would
+        each pull the kernel's whole read-ahead window into memory.
+        """
+        index = torch.from_numpy(np.sort(index))
+        if torch.is_tensor(self.X):
+            return self._prepared(self.X[index.to(self.X.device)])
+        parts = []
+        for start, rows in self:
+            here = index[(index >= start) & (index < start + len(rows))] - start
+            parts.append(rows[here.to(self.device)])
+        return torch.cat(parts)
+
+    def _prepared(self, rows) -> torch.Tensor:
+        own = not torch.is_tensor(rows)  # a copy of ours, standardised in place
+        if own:
+            rows = torch.from_numpy(np.array(rows, dtype=np.float32)).to(self.device)
+            _release(self.X)
+        if self.shift is not None:
+            rows = (rows.sub_(self.shift) if own else rows - self.shift).div_(self.scale)
+        return rows
+
+
+def _release(X: np.ndarray) -> None:
+    """Let go of a memory-mapped array's resident pages (still in the page cache): RSS stays O(chunk)."""
+    mapping = getattr(X, "_mmap", None)  # numpy.memmap keeps its mmap.mmap there
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class _Problems:
-    """Loss and gradient of several multinomial problems on the same data, in one matmul each."""
+    """Objective and exact gradient of several multinomial problems on the same rows, a chunk at a time.
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, n_classes: int):
-        self.X, self.y, self.k = X, y, n_classes
-        self.rows = torch.arange(len(y), device=X.device)
+    ``sharded``: each torchrun rank holds a part of the rows; sums are all-reduced across the ranks.
+    """
+
+    def __init__(self, rows: _Chunks, y: torch.Tensor, n_classes: int, sharded: bool = False):
+        self.rows, self.y, self.k, self.sharded = rows, y, n_classes, sharded
+        self.n = int(self._summed(torch.tensor([float(rows.n)], dtype=torch.float64, device=y.device)).item())
+
+    def _summed(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t) if self.sharded else t
 
     def evaluate(self, W: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective per problem and the ``(n, b, k)`` probabilities, for weights ``(b, d + 1, k)``."""
+        """Objective per problem and its gradient ``(b, d + 1, k)``, for weights ``(b, d + 1, k)``."""
         b, d1, k = W.shape
-        Z = (self.X @ W[:, :-1].permute(1, 0, 2).reshape(d1 - 1, b * k)).view(-1, b, k) + W[:, -1]
-        Z -= Z.amax(dim=2, keepdim=True)
-        P = Z.exp()
-        total = P.sum(dim=2)
-        nll = total.log() - Z[self.rows, :, self.y]
-        f = nll.double().mean(0) + 0.5 * lam * W[:, :-1].double().square().sum((1, 2))
-        return f, P.div_(total[:, :, None])
+        flat = W[:, :-1].permute(1, 0, 2).reshape(d1 - 1, b * k)
+        nll = torch.zeros(b, dtype=torch.float64, device=W.device)
+        body = torch.zeros(d1 - 1, b * k, dtype=W.dtype, device=W.device)
+        bias = torch.zeros(b, k, dtype=W.dtype, device=W.device)
+        for start, X in self.rows:
+            y, rows = self.y[start:start + len(X)], torch.arange(len(X), device=W.device)
+            Z = (X @ flat).view(-1, b, k) + W[:, -1]
+            Z -= Z.amax(dim=2, keepdim=True)
+            P = Z.exp()
+            total = P.sum(dim=2)
+            nll += (total.log() - Z[rows, :, y]).double().sum(0)
+            P /= total[:, :, None]
+            P[rows, :, y] -= 1.0
+            body += X.T @ P.view(len(X), -1)
+            bias += P.sum(0)
+        sums = self._summed(torch.cat([nll, body.double().flatten(), bias.double().flatten()]))
+        nll, body, bias = sums[:b], sums[b:-b * k].view(d1 - 1, b, k), sums[-b * k:].view(b, k)
+        f = nll / self.n + 0.5 * lam * W[:, :-1].double().square().sum((1, 2))
+        body = body.permute(1, 0, 2) / self.n + lam[:, None, None] * W[:, :-1].double()
+        return f, torch.cat([body, bias[:, None, :] / self.n], dim=1).to(W.dtype)
 
-    def grad(self, W: torch.Tensor, P: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        G = P.clone()
-        G[self.rows, :, self.y] -= 1.0
-        G /= len(self.y)
-        b = W.shape[0]
-        body = (self.X.T @ G.reshape(len(self.y), -1)).view(-1, b, self.k).permute(1, 0, 2)
-        body = body + lam.to(W.dtype)[:, None, None] * W[:, :-1]
-        return torch.cat([body, G.sum(0)[:, None, :]], dim=1)
 
-
-def lbfgs_multinomial(X: torch.Tensor, y: torch.Tensor, n_classes: int, Cs: list[float],
-                      max_iter: int = 1000, tol: float = TOL, ftol: float = FTOL, memory: int = 10
+def lbfgs_multinomial(X, y, n_classes: int, Cs: list[float], max_iter: int = 1000, tol: float = TOL,
+                      ftol: float = FTOL, memory: int = 10, *, shift=None, scale=None,
+                      chunk_rows: int = CHUNK_ROWS, sharded: bool = False, device: torch.device | None = None
                       ) -> tuple[torch.Tensor, int]:
     """Minimise scikit-learn's multinomial objective for every C at once; ``(b, d + 1, k)`` weights.
 
@@ -51,15 +122,20 @@ def lbfgs_multinomial(X: torch.Tensor, y: torch.Tensor, n_classes: int, Cs: list
     Each problem keeps its own history and step, and stops once its largest gradient entry is
     below *tol* and the decrease its next step predicts is below *ftol* (relative to the loss):
     a small gradient alone stops too early on ill-conditioned problems.
+
+    *X* is a torch tensor (computed on its device) or a numpy array, possibly memory-mapped (read
+    ``chunk_rows`` at a time onto *device*); ``shift`` and ``scale`` standardise its rows on the
+    way. ``sharded``: under torchrun, this rank's rows only; every rank gets the same weights.
     """
-    n, d = X.shape
-    b, k, dev = len(Cs), n_classes, X.device
-    lam = torch.tensor([1.0 / (C * n) for C in Cs], dtype=torch.float64, device=dev)
-    problems = _Problems(X, y, k)
-    precondition = _preconditioner(X, lam * k)
+    dev = X.device if torch.is_tensor(X) else torch.device(device or "cpu")
+    rows = _Chunks(X, dev, shift, scale, chunk_rows)
+    y = torch.as_tensor(y).to(dev)
+    b, k, d = len(Cs), n_classes, rows.d
+    problems = _Problems(rows, y, k, sharded)
+    lam = torch.tensor([1.0 / (C * problems.n) for C in Cs], dtype=torch.float64, device=dev)
+    precondition = _preconditioner(problems, lam * k)
     W = torch.zeros(b, d + 1, k, device=dev)
-    f, P = problems.evaluate(W, lam)
-    g = problems.grad(W, P, lam)
+    f, g = problems.evaluate(W, lam)
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     active = torch.ones(b, dtype=torch.bool, device=dev)
     n_iter = 0
@@ -77,23 +153,33 @@ def lbfgs_multinomial(X: torch.Tensor, y: torch.Tensor, n_classes: int, Cs: list
         if not len(idx):
             break
         n_iter += 1
-        ok, W_ok, P_ok, f_ok = _armijo(problems, W[idx], f[idx], direction, slope, lam[idx])
+        ok, W_ok, g_ok, f_ok = _armijo(problems, W[idx], f[idx], direction, slope, lam[idx])
         active[idx[~ok]] = False  # no step decreased the loss: as good as float32 allows
         idx = idx[ok]
         if not len(idx):
             break
-        g_ok = problems.grad(W_ok, P_ok, lam[idx])
         pair = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros(b, device=dev))
         pair[0][idx], pair[1][idx] = W_ok - W[idx], g_ok - g[idx]
         sy = (pair[0][idx] * pair[1][idx]).sum((1, 2))
         pair[2][idx] = torch.where(sy > 1e-10, 1.0 / sy.clamp(min=1e-10), torch.zeros_like(sy))
         history = (history + [pair])[-memory:]
         W[idx], f[idx], g[idx] = W_ok, f_ok, g_ok
-        if len(idx) == b:
-            P = P_ok
-        else:
-            P[:, idx] = P_ok
     return W, n_iter
+
+
+def row_moments(X, chunk_rows: int = CHUNK_ROWS, sharded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation of *X*'s rows, read a chunk at a time (of every rank's rows
+    when ``sharded``); two passes, so the variance does not cancel."""
+    def summed(parts: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.stack(parts).sum(0)
+        return all_reduce_sum(total) if sharded else total
+
+    rows = _Chunks(X, torch.device("cpu"), chunk_rows=chunk_rows)
+    first = summed([torch.cat([torch.tensor([len(c)], dtype=torch.float64), c.sum(0, dtype=torch.float64)])
+                    for _, c in rows])
+    n, mean = first[0], first[1:] / first[0]
+    variance = summed([(c - mean.float()).square_().sum(0, dtype=torch.float64) for _, c in rows]) / n
+    return mean.numpy(), variance.sqrt().numpy()
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -101,15 +187,18 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t if len(idx) == len(t) else t[idx]
 
 
-def _preconditioner(X: torch.Tensor, mu: torch.Tensor):
+def _preconditioner(problems: _Problems, mu: torch.Tensor):
     """``v -> (A + mu I)^-1 v`` per problem, ``A`` the second moment of (a sample of) the rows."""
-    n, d = X.shape
-    sample = X[torch.randperm(n, generator=torch.Generator().manual_seed(0))[: 4 * d].to(X.device)]
-    A = (sample.T @ sample).double() / len(sample)
+    rows = problems.rows
+    d, dev = rows.d, problems.y.device
+    sample = rows.take(torch.randperm(rows.n, generator=torch.Generator().manual_seed(0))[: 4 * d].numpy())
+    count = torch.tensor([float(len(sample))], dtype=torch.float64, device=dev)
+    moments = problems._summed(torch.cat([(sample.T @ sample).double().flatten(), count]))
+    A = moments[:-1].view(d, d) / moments[-1]
     floor = 1e-4 * A.diagonal().mean()
-    eye = torch.eye(d, dtype=torch.float64, device=X.device)
-    factors = torch.linalg.cholesky(A + (mu.clamp(min=floor)[:, None, None] * eye)).to(X.dtype)
-    intercept = (1.0 / (1.0 + mu)).to(X.dtype)
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    factors = torch.linalg.cholesky(A + (mu.clamp(min=floor)[:, None, None] * eye)).to(sample.dtype)
+    intercept = (1.0 / (1.0 + mu)).to(sample.dtype)
 
     def apply(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         body = torch.cholesky_solve(v[:, :-1], _rows(factors, idx))
@@ -139,17 +228,17 @@ def _two_loop(g: torch.Tensor, history: list, precondition, idx: torch.Tensor) -
 
 def _armijo(problems: _Problems, W: torch.Tensor, f: torch.Tensor, direction: torch.Tensor,
             slope: torch.Tensor, lam: torch.Tensor, tries: int = 30):
-    """Backtracking line search per problem: which found a decrease, and their new W, P and f."""
+    """Backtracking line search per problem: which found a decrease, and their new W, gradient and f."""
     step = torch.ones(len(W), dtype=torch.float64, device=W.device)
     todo = torch.arange(len(W), device=W.device)
     found = []
     for _ in range(tries):
         trial = W[todo] + step[todo].to(W.dtype)[:, None, None] * direction[todo]
-        f_trial, P_trial = problems.evaluate(trial, lam[todo])
+        f_trial, g_trial = problems.evaluate(trial, lam[todo])
         good = (f_trial < f[todo]) & (f_trial <= f[todo] + 1e-4 * step[todo] * slope[todo])
         if good.all() and len(todo) == len(W):
-            return good, trial, P_trial, f_trial
-        found.append((todo[good], trial[good], P_trial[:, good], f_trial[good]))
+            return good, trial, g_trial, f_trial
+        found.append((todo[good], trial[good], g_trial[good], f_trial[good]))
         todo = todo[~good]
         if not len(todo):
             break
@@ -158,5 +247,5 @@ def _armijo(problems: _Problems, W: torch.Tensor, f: torch.Tensor, direction: to
     ok = torch.zeros(len(W), dtype=torch.bool, device=W.device)
     ok[index] = True
     order = index.argsort()  # back to the order of the problems
-    W_ok, P_ok, f_ok = (torch.cat([part[j] for part in found], dim=1 if j == 2 else 0) for j in (1, 2, 3))
-    return ok, W_ok[order], P_ok[:, order], f_ok[order]
+    W_ok, g_ok, f_ok = (torch.cat([part[j] for part in found])[order] for j in (1, 2, 3))
+    return ok, W_ok, g_ok, f_ok

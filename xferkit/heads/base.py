@@ -9,9 +9,7 @@ the other rows of X (scikit-learn's checks compare predictions row by row and in
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from numbers import Integral
@@ -19,7 +17,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors import SafetensorError
 from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -30,6 +27,16 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from xferkit.core.errors import InvalidParameter, XferkitError
 from xferkit.core.metrics import predictive_entropy
+from xferkit.core.saved import (
+    blame,
+    checked,
+    checked_classes,
+    expect_keys,
+    plain,
+    read_json_object,
+    read_safetensors,
+    require,
+)
 from xferkit.heads import FEATURE_HEADS
 
 #: ``progress(done, total, info)``: told how far ``fit`` has got (``info`` such as ``"loss 0.123"``).
@@ -43,10 +50,6 @@ META, ARRAYS = "head.json", "head.safetensors"
 META_KEYS = ("name", "params", "fitted", "classes", "classes_dtype", "n_features_in")
 #: The seeds :func:`draw_seed` draws, as a fitted scalar's constraint.
 SEED = [Interval(Integral, 0, np.iinfo(np.int32).max, closed="left")]
-
-
-class Damaged(Exception):
-    """Something in a saved head that ``save`` cannot have written; ``load`` names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         """Hyper-parameters for ``xferkit tune``, sampled from an Optuna *trial*."""
         raise NotImplementedError
 
+    def torch_modules(self) -> dict:  # pragma: no cover - interface
+        """torch modules computing ``predict_proba`` from raw features in float32, by method (for export).
+
+        A head whose predictions can only be approximated offers each approximation; the exporter
+        keeps the one closest to ``predict_proba``.
+        """
+        raise NotImplementedError
+
     def predict(self, X) -> np.ndarray:
         """The most probable label of each row."""
         proba = self.predict_proba(X)  # first: it checks that the head is fitted
@@ -147,8 +158,8 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         (folder / ARRAYS).write_bytes(safetensors_bytes(arrays))
         params = {key: _json_or_none(value) for key, value in self.get_params().items()}
         meta = {"name": self.name, "params": params,
-                "fitted": {key: _plain(getattr(self, key)) for key in self._fitted_scalars},
-                "classes": [_plain(label) for label in self.classes_.tolist()],
+                "fitted": {key: plain(getattr(self, key)) for key in self._fitted_scalars},
+                "classes": [plain(label) for label in self.classes_.tolist()],
                 "classes_dtype": self.classes_.dtype.str, "n_features_in": int(self.n_features_in_)}
         (folder / META).write_text(json.dumps(meta, indent=2))
 
@@ -160,24 +171,24 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         file that does not pass is an XferkitError naming it. Nothing in them is executed.
         """
         folder = Path(folder)
-        with _blame(folder / META):
-            meta = _read_json_object(folder / META)
+        with blame(folder / META):
+            meta = read_json_object(folder / META)
             estimator = cls._class_to_load(meta.get("name"), folder)
-            _expect_keys(meta, META_KEYS)
-            _expect_keys(meta["params"], estimator().get_params(), "params")
+            expect_keys(meta, META_KEYS)
+            expect_keys(meta["params"], estimator().get_params(), "params")
             head = estimator(**meta["params"])
-            _checked(head._validate_params)
-            head.classes_ = _checked_classes(meta["classes"], meta["classes_dtype"])
+            checked(head._validate_params)
+            head.classes_ = checked_classes(meta["classes"], meta["classes_dtype"])
             head.n_features_in_ = meta["n_features_in"]
             require(_is_integer(head.n_features_in_) and head.n_features_in_ > 0,
                     f"n_features_in must be a positive integer, not {head.n_features_in_!r}")
-            _expect_keys(meta["fitted"], head._fitted_scalars, "fitted")
-            _checked(validate_parameter_constraints, head._fitted_scalars, meta["fitted"],
-                     type(head).__name__)
+            expect_keys(meta["fitted"], head._fitted_scalars, "fitted")
+            checked(validate_parameter_constraints, head._fitted_scalars, meta["fitted"],
+                    type(head).__name__)
             for key, value in meta["fitted"].items():
                 setattr(head, key, value)
-        with _blame(folder / ARRAYS):
-            arrays = _read_arrays(folder / ARRAYS)
+        with blame(folder / ARRAYS):
+            arrays = read_safetensors(folder / ARRAYS, load_file)
             statistics = {key: ArraySpec((head.n_features_in_,)) for key in ("mean", "scale")}
             expect_arrays(arrays, statistics, complete=False)
             expect_arrays(arrays, {**statistics, **head._array_specs(arrays)})
@@ -199,74 +210,7 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         return getattr(import_module(module), attribute)
 
 
-# --- checks of saved files: each raises Damaged, which ``_blame`` turns into the user's error ---------
-def require(ok: bool, problem: str) -> None:
-    """Raise :class:`Damaged` with *problem* unless *ok*: the one check every other one goes through."""
-    if not ok:
-        raise Damaged(problem)
-
-
-def _checked(validate: Callable, *args) -> None:
-    """Run a scikit-learn parameter validation, its refusal a :class:`Damaged`."""
-    try:
-        validate(*args)
-    except InvalidParameterError as err:
-        raise Damaged(str(err)) from None
-
-
-@contextmanager
-def _blame(path: Path) -> Iterator[None]:
-    """Turn a :class:`Damaged` raised inside into the XferkitError that names *path* and what to do."""
-    try:
-        yield
-    except Damaged as err:
-        raise XferkitError(f"{path}: {str(err).rstrip('.')}; the model folder is damaged: "
-                           "repurpose the model again.") from None
-
-
-def _read_json_object(path: Path) -> dict:
-    """The JSON object in *path*."""
-    require(path.is_file(), "no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise Damaged(f"cannot be read as JSON ({err})") from None
-    require(isinstance(data, dict), f"holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _expect_keys(data: Any, keys, where: str = "") -> None:
-    """*data* must be a JSON object with exactly *keys*."""
-    what = f"{where} " if where else ""
-    require(isinstance(data, dict), f"{what or 'the file '}must be a JSON object")
-    missing, unknown = [k for k in keys if k not in data], sorted(set(data) - set(keys))
-    require(not missing, f"{what}lacks {', '.join(missing)}")
-    require(not unknown, f"{what}has unknown keys {', '.join(unknown)}")
-
-
-def _checked_classes(classes: Any, dtype: Any) -> np.ndarray:
-    """The labels *classes* as an array of *dtype*: distinct JSON scalars that survive the conversion."""
-    require(isinstance(classes, list) and len(classes) >= 2 and all(map(_is_scalar, classes))
-            and len({json.dumps(c) for c in classes}) == len(classes),
-            "classes must be a list of at least two distinct labels")
-    try:
-        labels = np.array(classes, dtype=np.dtype(dtype))
-    except (TypeError, ValueError, OverflowError) as err:
-        raise Damaged(f"classes_dtype {dtype!r} cannot hold the classes ({err})") from None
-    require(json.dumps([_plain(c) for c in labels.tolist()]) == json.dumps(classes),
-            f"the classes do not survive conversion to classes_dtype {dtype!r}")
-    return labels
-
-
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of safetensors file *path* (a safetensors file holds no code, so reading it runs none)."""
-    require(path.is_file(), "no such file")
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError, TypeError, ValueError) as err:
-        raise Damaged(f"is not a readable safetensors file ({err})") from None
-
-
+# --- checks of saved arrays (the shared checks of saved files are in xferkit.core.saved) -------------
 def expect_arrays(arrays: dict[str, np.ndarray], specs: dict[str, ArraySpec], complete: bool = True) -> None:
     """*arrays* must hold *specs*' arrays (and no other, when *complete*), each of its shape and dtype."""
     missing = sorted(set(specs) - set(arrays))
@@ -289,23 +233,13 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_scalar(value: Any) -> bool:
-    """A JSON string, boolean, integer or finite number: what a label can be."""
-    return isinstance(value, (str, bool, int)) or isinstance(value, float) and math.isfinite(value)
-
-
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python one JSON can hold; anything else as it is."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _json_or_none(value: Any) -> Any:
     """*value* as JSON can hold it, or ``None`` if it cannot (a RandomState instance)."""
     try:
-        json.dumps(_plain(value))
+        json.dumps(plain(value))
     except (TypeError, ValueError):
         return None
-    return _plain(value)
+    return plain(value)
 
 
 def _ignore_progress(done: int, total: int, info: str) -> None:

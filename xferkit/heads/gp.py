@@ -28,6 +28,8 @@ from gpytorch.variational import (
 )
 from sklearn.cluster import KMeans
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
 
 from xferkit.core.calibration import fit_temperature, temper
 from xferkit.core.devices import resolve_device
@@ -42,6 +44,7 @@ from xferkit.heads.base import (
     expect_arrays,
     require,
 )
+from xferkit.heads.exportable import Standardised, tempered
 
 #: ``method="auto"`` fits the exact GP up to this many training examples, an SVGP beyond.
 EXACT_MAX_N = 2000
@@ -308,10 +311,14 @@ class GPHead(FeatureHead):
 
     def _mc_softmax(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """The softmax averaged over the latent marginals by Monte Carlo (seeded, the same draws for all)."""
-        eps = torch.randn(PREDICT_SAMPLES, 1, len(self.classes_), dtype=mean.dtype,
-                          generator=torch.Generator().manual_seed(self.seed_)).to(mean.device)
+        eps = self._draws(mean.dtype).to(mean.device)
         return torch.cat([(m + v.clamp_min(0).sqrt() * eps).softmax(-1).mean(0).cpu()
                           for m, v in zip(mean.split(BATCH_SIZE), var.split(BATCH_SIZE), strict=True)])
+
+    def _draws(self, dtype: torch.dtype) -> torch.Tensor:
+        """The standard normal draws ``(PREDICT_SAMPLES, 1, n_classes)`` every prediction uses (seeded)."""
+        return torch.randn(PREDICT_SAMPLES, 1, len(self.classes_), dtype=dtype,
+                           generator=torch.Generator().manual_seed(self.seed_))
 
     def _predict(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Tempered probabilities and latent variances, both ``(n, n_classes)``."""
@@ -327,6 +334,44 @@ class GPHead(FeatureHead):
         proba, variance = self._predict(X)
         return {"entropy": predictive_entropy(proba),
                 "variance": variance[np.arange(len(proba)), proba.argmax(1)]}
+
+    def torch_modules(self) -> dict[str, nn.Module]:
+        """The GP's predictive in closed form, over its stored training set or the SVGP's inducing points."""
+        check_is_fitted(self)
+        model, terms = self.model_, self._exact_terms if self.method_ == "exact" else self._svgp_terms
+        with torch.no_grad(), _cholesky():
+            points, alpha, inverse, jitter = terms()
+            lengthscale = model.covar_module.base_kernel.lengthscale.reshape(-1)
+            gp = _ClosedForm(self.projection_, points / lengthscale, lengthscale,
+                             model.covar_module.outputscale, model.mean_module.constant.reshape(-1), alpha,
+                             inverse, jitter, self._draws(torch.float64), self.temperature_)
+        return {"closed form": Standardised(self.mean_, self.scale_, gp)}
+
+    def _exact_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Training inputs Z, ``alpha = K^-1 (y - m)`` and ``K^-1`` per class, no jitter (``_ClosedForm``)."""
+        model = self.model_
+        Z = model.train_inputs[0]
+        # the training covariance with label noise exactly as gpytorch's prediction conditions on it
+        noisy = model.likelihood(model.forward(Z), Z).covariance_matrix
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(noisy))
+        residual = model.train_targets - model.mean_module.constant.reshape(-1, 1)
+        return Z, (inverse @ residual.unsqueeze(-1)).squeeze(-1), inverse, 0.0
+
+    def _svgp_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Inducing points U, ``L^-T m`` and ``-L^-T (S - I) L^-1`` per class (``L L^T = K_UU + jitter``).
+
+        gpytorch's whitened variational strategy: mean ``m_c + k(x, U) L^-T m``, variance
+        ``s_c + jitter + k(x, U) L^-T (S - I) L^-1 k(U, x)``.
+        """
+        strategy = self.model_.variational_strategy.base_variational_strategy
+        distribution = strategy._variational_distribution
+        U, jitter = strategy.inducing_points, strategy.jitter_val
+        eye = torch.eye(len(U), dtype=U.dtype, device=U.device)
+        L = torch.linalg.cholesky(self.model_.covar_module(U).to_dense() + jitter * eye)
+        L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        chol = distribution.chol_variational_covar.tril()
+        alpha = (L_inv.mT @ distribution.variational_mean.unsqueeze(-1)).squeeze(-1)
+        return U, alpha, -(L_inv.mT @ (chol @ chol.mT - eye) @ L_inv), float(jitter)
 
     # --- persistence -----------------------------------------------------------------------------
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
@@ -410,6 +455,36 @@ class _SVGP(gpytorch.models.ApproximateGP):
 
     def forward(self, x: torch.Tensor) -> MultivariateNormal:
         return MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class _ClosedForm(nn.Module):
+    """The GP's tempered Monte Carlo softmax in float64 torch, on standardised features (as ``_predict``).
+
+    Per class ``c``: latent mean ``m_c + k_c(x, Z) alpha_c`` and variance ``s_c + jitter - k_c(x, Z) A_c
+    k_c(Z, x)``; exact GP: Z the training inputs, ``A = K^-1`` with the label noise; SVGP: Z the inducing
+    points (see ``GPHead._svgp_terms``).
+    """
+
+    def __init__(self, projection, Z_scaled, lengthscale, scales, means, alpha, inverse, jitter, draws,
+                 temperature):
+        super().__init__()
+        self.register_buffer("projection", None if projection is None else torch.tensor(projection).double())
+        for name, value in (("Z", Z_scaled), ("lengthscale", lengthscale), ("scales", scales),
+                            ("means", means), ("alpha", alpha), ("inverse", inverse), ("draws", draws)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64).cpu())
+        self.jitter, self.temperature = float(jitter), float(temperature)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.double()  # float32 loses the latent variance to cancellation near the training points
+        if self.projection is not None:
+            z = z @ self.projection
+        x = z / math.sqrt(z.shape[1]) / self.lengthscale
+        squared = (x ** 2).sum(1, keepdim=True) - 2 * x @ self.Z.T + (self.Z ** 2).sum(1)
+        k = self.scales[:, None, None] * torch.exp(-0.5 * squared.clamp_min(0))  # (classes, n, train)
+        mean = self.means[:, None] + (k @ self.alpha.unsqueeze(-1)).squeeze(-1)
+        var = self.scales[:, None] + self.jitter - ((k @ self.inverse) * k).sum(-1)
+        latent = mean.T + var.T.clamp_min(0).sqrt() * self.draws  # (samples, n, classes)
+        return tempered(latent.softmax(-1).mean(0), self.temperature).float()
 
 
 def _kernel(n_classes: int, ard_dims: int | None) -> ScaleKernel:

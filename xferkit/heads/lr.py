@@ -19,12 +19,16 @@ import torch
 from scipy.special import expit, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
 
 from xferkit.core.devices import resolve_device
+from xferkit.core.distributed import all_gather_objects
 from xferkit.core.errors import InvalidParameter
-from xferkit.heads._lbfgs import lbfgs_multinomial
-from xferkit.heads.base import ArraySpec, FeatureHead, ProgressCallback, stratified_holdout
+from xferkit.heads._lbfgs import CHUNK_ROWS, lbfgs_multinomial, row_moments
+from xferkit.heads.base import CONSTANT_STD, ArraySpec, FeatureHead, ProgressCallback, stratified_holdout
+from xferkit.heads.exportable import Standardised, constant
 
 #: Regularisation strengths tried on the held-out part when ``C`` is not given.
 C_GRID = tuple(10.0 ** k for k in range(-4, 3))
@@ -117,6 +121,31 @@ class LogisticHead(FeatureHead):
         steps = 1 if self.C is not None else 2
         progress(steps, steps, f"C={self.C_:g}, {self.n_iter_} iterations")
 
+    def fit_streamed(self, X, y, *, chunk_rows: int = CHUNK_ROWS, sharded: bool = False) -> LogisticHead:
+        """Fit with the given ``C`` on rows read a chunk at a time: memory O(chunk), not O(X).
+
+        *X* may be a memory-mapped array larger than memory (``np.load(path, mmap_mode="r")``);
+        standardisation happens chunk by chunk. ``sharded``: under torchrun each rank passes its own
+        rows, and every rank gets the head that ``fit`` would give on all of them.
+        """
+        try:
+            self._validate_params()
+        except InvalidParameterError as err:
+            raise InvalidParameter(str(err)) from None
+        if self.C is None:
+            raise InvalidParameter("fit_streamed needs a number for C (choosing C holds rows out in memory).")
+        y = np.asarray(y)
+        labels = np.concatenate(all_gather_objects(np.unique(y))) if sharded else y
+        self.classes_, self.n_features_in_ = np.unique(labels), X.shape[1]
+        self.mean_, std = row_moments(X, chunk_rows, sharded)
+        self.scale_ = np.where(std <= CONSTANT_STD * np.abs(self.mean_) + np.finfo(np.float64).tiny, 1.0, std)
+        self.C_, self.solver_ = float(self.C), "torch"
+        device = resolve_device("cpu" if self.device == "auto" else self.device)
+        (self.coef_,), (self.intercept_,), self.n_iter_ = _fit_torch(
+            X, np.searchsorted(self.classes_, y), [self.C_], len(self.classes_), self.max_iter, device,
+            shift=self.mean_, scale=self.scale_, chunk_rows=chunk_rows, sharded=sharded)
+        return self
+
     def _solver(self, work: int) -> Callable[[np.ndarray, np.ndarray, list[float]], Solution]:
         """``solve(Xs, y, Cs)`` for a problem of *work* multiply-adds per pass; sets ``solver_``."""
         self.solver_ = self.solver
@@ -152,6 +181,12 @@ class LogisticHead(FeatureHead):
         scores = self.decision_function(X)
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)]
 
+    def torch_modules(self) -> dict[str, nn.Module]:
+        """The exact model: standardise, logits, logistic function or softmax."""
+        check_is_fitted(self)
+        logistic = _LogisticProbabilities(self.coef_, self.intercept_)
+        return {"exact": Standardised(self.mean_, self.scale_, logistic)}
+
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "intercept": self.intercept_}
 
@@ -178,6 +213,22 @@ def _probabilities(scores: np.ndarray) -> np.ndarray:
     return softmax(scores, axis=1)
 
 
+class _LogisticProbabilities(nn.Module):
+    """:func:`_probabilities` of :func:`_decision` in torch, on standardised features."""
+
+    def __init__(self, coef: np.ndarray, intercept: np.ndarray):
+        super().__init__()
+        self.register_buffer("coef", constant(coef))
+        self.register_buffer("intercept", constant(intercept))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        scores = z @ self.coef.T + self.intercept
+        if self.coef.shape[0] == 1:  # two classes: the logistic function of the second one's logit
+            positive = torch.sigmoid(scores)
+            return torch.cat([1 - positive, positive], dim=1)
+        return torch.softmax(scores, dim=1)
+
+
 def _fit_sklearn(Xs: np.ndarray, y: np.ndarray, Cs: list[float], n_classes: int, max_iter: int,
                  device: torch.device) -> Solution:
     """One scikit-learn fit per C: coefficients, intercepts (float64) and the most iterations."""
@@ -191,12 +242,17 @@ def _fit_sklearn(Xs: np.ndarray, y: np.ndarray, Cs: list[float], n_classes: int,
 
 
 def _fit_torch(Xs: np.ndarray, y: np.ndarray, Cs: list[float], n_classes: int, max_iter: int,
-               device: torch.device) -> Solution:
-    """Every C in one batched torch solve, shaped like scikit-learn's result."""
-    X = torch.from_numpy(Xs).to(device)
+               device: torch.device, **streamed) -> Solution:
+    """Every C in one batched torch solve, shaped like scikit-learn's result.
+
+    ``streamed`` (``lbfgs_multinomial``'s ``shift``, ``scale``, ``chunk_rows``, ``sharded``): *Xs* stays
+    where it is (a memory map, say) and is read a chunk at a time, else it is moved to *device* whole.
+    """
+    X = Xs if streamed else torch.from_numpy(Xs).to(device)
     # Two classes: scikit-learn's binary model with C equals the symmetric softmax one with C / 2.
     Cs_eff = [C / 2 if n_classes == 2 else C for C in Cs]
-    W, n_iter = lbfgs_multinomial(X, torch.from_numpy(y).to(device), n_classes, Cs_eff, max_iter)
+    W, n_iter = lbfgs_multinomial(X, torch.from_numpy(y).to(device), n_classes, Cs_eff, max_iter,
+                                  device=device, **streamed)
     coefs, intercepts = [], []
     for w in W.cpu().double().numpy():  # (d + 1, k): weights, then the intercept row
         if n_classes == 2:  # the symmetric pair as scikit-learn's one row: class 1 against class 0

@@ -19,7 +19,7 @@ from xferkit.core.errors import XferkitError
 
 #: The file that marks a folder as a model xferkit wrote, and everything xferkit writes into one.
 MODEL_MARKER = "model.json"
-MODEL_FILES = frozenset({"model.json", "head.json", "head.safetensors"})
+MODEL_FILES = frozenset({"model.json", "head.json", "head.safetensors", "ood.safetensors"})
 #: What to do about the write errors users meet.
 ADVICE = {errno.ENOSPC: "the disk is full: free some space or write elsewhere",
           errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",

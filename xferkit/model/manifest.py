@@ -13,8 +13,10 @@ from typing import Any
 
 from xferkit.core.errors import XferkitError
 from xferkit.core.version import __version__
+from xferkit.model.held_out import OOD_SCORE_NAMES
 
-#: 2: heads are scikit-learn estimators (labels in JSON), pixel trainers apart, shared calibration.
+#: 2: heads are scikit-learn estimators (labels in JSON), pixel trainers apart, shared calibration;
+#: later, an optional ``held_out`` record (conformal and OOD scores), absent from older folders.
 FORMAT_VERSION = 2
 MANIFEST = "model.json"
 MODEL_KINDS = ("features", "pixels")
@@ -40,6 +42,7 @@ class Manifest:
     calibration: dict | None = None
     validation_metrics: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    held_out: dict | None = None
     xferkit_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -61,10 +64,14 @@ class Value:
 
 @dataclass(frozen=True)
 class Record:
-    """A JSON object of exactly these keys (each a :class:`Value` or a nested record), or null if allowed."""
+    """A JSON object of exactly these keys (each a :class:`Value` or a nested record), or null if allowed.
+
+    An ``optional`` record may be absent from its parent (added to the format later: older files lack it).
+    """
 
     keys: dict[str, Value | Record]
     nullable: bool = False
+    optional: bool = False
 
 
 def _number(value: Any, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> bool:
@@ -87,6 +94,12 @@ def _triple(value: Any, low: float, high: float) -> bool:
 def _text(value: Any) -> bool:
     """A string without line breaks or control characters: messages quote it on one line."""
     return isinstance(value, str) and value.isprintable()
+
+
+def _ascending(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+    """A non-empty list of numbers in [low, high], in ascending order."""
+    return (isinstance(value, list) and len(value) > 0 and all(_number(v, low, high) for v in value)
+            and all(a <= b for a, b in zip(value, value[1:], strict=False)))
 
 
 def _json_scalar(value: Any) -> bool:
@@ -135,6 +148,14 @@ SCHEMA = Record({
         "n": Value("a non-negative integer", lambda v: _integer(v, 0)),
         **{key: FINITE for key in ("nll_before", "nll_after", "ece_before", "ece_after")},
     }, nullable=True),
+    "held_out": Record({
+        "source": TEXT,
+        "n": Value("a positive integer", lambda v: _integer(v, 1)),
+        "conformal_scores": Value("an ascending list of numbers in [0, 1]",
+                                  lambda v: _ascending(v, 0.0, 1.0 + 1e-6)),
+        "ood_score": Value(f"one of {', '.join(OOD_SCORE_NAMES)}", lambda v: v in OOD_SCORE_NAMES),
+        "ood_scores": Value("an ascending list of finite numbers", _ascending),
+    }, nullable=True, optional=True),
     "validation_metrics": OBJECT,
     "info": Value("an object (its data, where given, a string)",
                   lambda v: isinstance(v, dict) and isinstance(v.get("data", ""), str)),
@@ -165,7 +186,16 @@ def read_manifest(folder: str | Path) -> Manifest:
     return Manifest(kind=data["kind"], backbone=data["backbone"], classes=data["classes"], head=head["name"],
                     head_params=head["params"], calibration=data["calibration"],
                     validation_metrics=data["validation_metrics"], info=data["info"],
+                    held_out=_held_out(data.get("held_out"), path),
                     xferkit_version=data["xferkit_version"], created=data["created"])
+
+
+def _held_out(record: dict | None, path: Path) -> dict | None:
+    """The held-out record, its two score lists as long as it says."""
+    if record is not None and not len(record["conformal_scores"]) == len(record["ood_scores"]) == record["n"]:
+        raise damaged(path, f"held_out.n is {record['n']} but its score lists hold "
+                            f"{len(record['conformal_scores'])} and {len(record['ood_scores'])} values")
+    return record
 
 
 def _check(value: Any, schema: Value | Record, path: Path, where: str = "") -> None:
@@ -179,14 +209,16 @@ def _check(value: Any, schema: Value | Record, path: Path, where: str = "") -> N
     if not isinstance(value, dict):
         raise damaged(path, f"{where or 'the file'} must be a JSON object, not {_shown(value)}")
     prefix = f"{where}." if where else ""
-    missing = [prefix + key for key in schema.keys if key not in value]
+    missing = [prefix + key for key, inner in schema.keys.items()
+               if key not in value and not (isinstance(inner, Record) and inner.optional)]
     if missing:
         raise damaged(path, f"lacks {', '.join(missing)}")
     unknown = sorted(prefix + key for key in set(value) - set(schema.keys))
     if unknown:
         raise damaged(path, f"has unknown keys {', '.join(unknown)}")
     for key, inner in schema.keys.items():
-        _check(value[key], inner, path, prefix + key)
+        if key in value:
+            _check(value[key], inner, path, prefix + key)
 
 
 def damaged(path: Path, problem: str) -> XferkitError:

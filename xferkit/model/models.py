@@ -17,17 +17,23 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 
 from xferkit.backbones import Backbone, create_backbone
 from xferkit.core.calibration import Calibration, calibrate, temper
 from xferkit.core.errors import XferkitError
 from xferkit.core.metrics import classification_metrics, predictive_entropy
+from xferkit.core.ood import ClassMeans
 from xferkit.core.reporting import SILENT, Reporter
+from xferkit.core.threads import thread_budget
 from xferkit.features import Features, extract_features, readable_images
 from xferkit.finetune.base import PixelClassifier
+from xferkit.finetune.loop import EpochEnd
 from xferkit.heads.base import FeatureHead
 from xferkit.io.data import LabelledImages
 from xferkit.io.files import atomic_folder
+from xferkit.model.held_out import CLASS_MEANS, HeldOut, load_class_means, save_class_means
 from xferkit.model.manifest import MANIFEST, Manifest, damaged, read_manifest
 from xferkit.model.options import BackboneOptions, ExtractOptions
 from xferkit.model.registry import create_head, head_kind, head_params
@@ -64,6 +70,9 @@ class TransferModel(ABC):
                  metrics: dict | None = None, info: dict | None = None):
         self.estimator, self.classes = estimator, list(classes)
         self.calibration, self.metrics, self.info = calibration, metrics or {}, info or {}
+        #: Class means of the training features (the ``distance`` score) and the held-out record.
+        self.class_means: ClassMeans | None = None
+        self.held_out: HeldOut | None = None
 
     @property
     def head(self) -> str:
@@ -74,10 +83,15 @@ class TransferModel(ABC):
     def backbone_spec(self) -> dict:
         """The backbone this model starts from, as recorded in the manifest."""
 
+    @property
+    @abstractmethod
+    def n_features(self) -> int:
+        """The length of the feature vectors the OOD distance is measured on."""
+
     @abstractmethod
     def _raw_predictions(self, paths: list[Path], options: ExtractOptions, reporter: Reporter
                          ) -> tuple[np.ndarray, dict[str, np.ndarray], Features]:
-        """Uncalibrated probabilities, head-specific uncertainties, and which images decoded."""
+        """Uncalibrated probabilities, head-specific uncertainties, and the decoded images' features."""
 
     # --- prediction --------------------------------------------------------------------------------
     def predict(self, paths: list[Path], options: ExtractOptions = ExtractOptions(),
@@ -85,40 +99,55 @@ class TransferModel(ABC):
         """Calibrated probabilities and uncertainties (always the entropy) of the images that decode."""
         proba, extra, feats = self._raw_predictions([Path(p) for p in paths], options, reporter)
         proba = temper(proba, self.calibration.temperature) if self.calibration else proba
-        return Predictions(proba, {"entropy": predictive_entropy(proba), **extra}, feats.kept, feats.skipped)
+        return Predictions(proba, self._uncertainty(proba, extra, feats.features), feats.kept, feats.skipped)
+
+    def _uncertainty(self, proba: np.ndarray, extra: dict[str, np.ndarray], features: np.ndarray
+                     ) -> dict[str, np.ndarray]:
+        """The entropy of *proba*, the head's own scores, and the distance to the class means (if known)."""
+        distance = {"distance": self.class_means.distance(features)} if self.class_means else {}
+        return {"entropy": predictive_entropy(proba), **distance, **extra}
 
     # --- fitting -----------------------------------------------------------------------------------
     def _validated(self, val: LabelledImages | None, options: ExtractOptions, calibrated: bool,
                    reporter: Reporter) -> list[tuple[Path, str]]:
-        """Fit the temperature on *val* (when asked), score the calibrated model there; the skipped files."""
+        """Calibrate and score the model on *val*, record its held-out scores there; the skipped files."""
         if val is None or not len(val):
             return []
-        proba, _, feats = self._raw_predictions(val.paths, options, reporter)
+        proba, extra, feats = self._raw_predictions(val.paths, options, reporter)
         if not len(feats.kept):
             return feats.skipped
-        y = val.relabel(self.classes).labels[feats.kept]
+        self._held_out(proba, extra, feats.features, val.relabel(self.classes).labels[feats.kept],
+                       "validation split", calibrated, reporter)
+        return feats.skipped
+
+    def _held_out(self, proba: np.ndarray, extra: dict[str, np.ndarray], features: np.ndarray, y: np.ndarray,
+                  source: str, calibrated: bool, reporter: Reporter) -> None:
+        """From held-out predictions: the temperature (when asked), the metrics and the held-out record."""
         if calibrated:
             self.calibration = calibrate(proba, y)
             proba = temper(proba, self.calibration.temperature)
         self.metrics = classification_metrics(y, proba)
+        self.held_out = HeldOut.of(proba, y, self._uncertainty(proba, extra, features), self.head, source)
         chance, accuracy = np.bincount(y).max() / len(y), self.metrics["accuracy"]
         if accuracy < chance + NEAR_CHANCE:
             reporter.warn(f"the {self.head} head did not learn: validation accuracy {accuracy:.2f} is about "
                           f"what always answering the commonest class gets ({chance:.2f}). Try lr "
                           "(the robust default), another --learning-rate or more --epochs, or check the data "
                           "and the backbone's weights.")
-        return feats.skipped
 
     # --- persistence -------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
         return Manifest(self.kind, self.backbone_spec, self.classes, self.head,
                         _jsonable(self.estimator.get_params()),
-                        self.calibration.to_json() if self.calibration else None, self.metrics, self.info)
+                        self.calibration.to_json() if self.calibration else None, self.metrics, self.info,
+                        self.held_out.to_json() if self.held_out else None)
 
     def save(self, folder: str | Path, force: bool = False) -> Path:
         """Write the model folder atomically; an existing folder needs ``force``."""
         with atomic_folder(Path(folder), force=force) as tmp:
             self.estimator.save(tmp)
+            if self.class_means is not None:
+                save_class_means(self.class_means, tmp)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest().to_json(), indent=2))
         return Path(folder)
 
@@ -141,10 +170,12 @@ class FeatureModel(TransferModel):
     def backbone_spec(self) -> dict:
         return self.backbone.spec()
 
+    @property
+    def n_features(self) -> int:
+        return self.backbone.num_features
+
     def features(self, paths: list[Path], options: ExtractOptions, reporter: Reporter = SILENT) -> Features:
-        return extract_features(self.backbone, paths, device=options.device, batch_size=options.batch_size,
-                                workers=options.workers, cache=options.cache, strict=options.strict,
-                                reporter=reporter)
+        return _extract(self.backbone, paths, options, reporter)
 
     def _raw_predictions(self, paths, options, reporter):
         feats = self.features(paths, options, reporter)
@@ -156,18 +187,49 @@ class FeatureModel(TransferModel):
     @classmethod
     def fit(cls, head: str, params: dict, backbone: BackboneOptions, train: LabelledImages,
             val: LabelledImages | None, options: ExtractOptions, seed: int, calibrated: bool,
-            reporter: Reporter) -> tuple[FeatureModel, Fitted]:
+            reporter: Reporter, epoch_end: EpochEnd | None = None, folds: int = 0
+            ) -> tuple[FeatureModel, Fitted]:
         estimator = create_head(head, **_with_run_params(head, params, backbone, options, seed))
         net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
                               backbone.image_size, reporter)
-        feats = extract_features(net, train.paths, device=options.device, batch_size=options.batch_size,
-                                 workers=options.workers, cache=options.cache, strict=options.strict,
-                                 reporter=reporter)
+        feats = _extract(net, train.paths, options, reporter)
         y = _names(train)[feats.kept]
         _check_every_class_left(y, train.classes)
-        seconds = _timed_fit(estimator, feats.features, y, reporter)
+        monitor = {}
+        if epoch_end is not None and val is not None and len(val):  # the head validates on val's features
+            held = _extract(net, val.paths, options, reporter)
+            monitor = {"epoch_end": epoch_end, "validation": (held.features, _names(val)[held.kept])}
+        seconds = _timed_fit(estimator, feats.features, y, reporter, **monitor)
         model = cls(net, estimator)
+        model.class_means = ClassMeans.fit(feats.features, _indices(y), len(model.classes))
+        if folds:
+            model._cross_fitted(feats.features, y, folds, seed, calibrated, reporter)
         return model, Fitted(feats.skipped + model._validated(val, options, calibrated, reporter), seconds)
+
+    def _cross_fitted(self, X: np.ndarray, y: np.ndarray, folds: int, seed: int, calibrated: bool,
+                      reporter: Reporter) -> None:
+        """Held-out predictions of the training set itself, each fold's by a copy of the head fitted on
+        the other folds (and the distance to their class means): they calibrate the model fitted on all."""
+        index = _indices(y)
+        smallest = int(np.bincount(index).min())
+        if smallest < 2:
+            raise XferkitError("cross-fitting holds out part of every class: each class needs at least 2 "
+                               "readable images.")
+        proba, extra = np.zeros((len(y), len(self.classes))), {}
+        splitter = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
+        with reporter.task(f"cross-fitting {self.head}", splitter.get_n_splits(), unit="fold") as task, \
+                thread_budget():
+            for fit_rows, held_rows in splitter.split(X, index):
+                head = clone(self.estimator).fit(X[fit_rows], y[fit_rows])
+                proba[held_rows] = head.predict_proba(X[held_rows])
+                means = ClassMeans.fit(X[fit_rows], index[fit_rows], len(self.classes))
+                scores = {**head.uncertainty(X[held_rows]), "distance": means.distance(X[held_rows])}
+                for key, values in scores.items():
+                    extra.setdefault(key, np.zeros(len(y)))[held_rows] = values
+                task.advance()
+        extra.pop("entropy", None)  # recomputed from the calibrated probabilities
+        self._held_out(proba, extra, X, index, f"{splitter.get_n_splits()}-fold cross-fitting on the "
+                       "training images", calibrated, reporter)
 
     @classmethod
     def _load(cls, folder: Path, manifest: Manifest) -> FeatureModel:
@@ -197,6 +259,10 @@ class NetworkModel(TransferModel):
     def backbone_spec(self) -> dict:
         return self.estimator.backbone_.spec()
 
+    @property
+    def n_features(self) -> int:
+        return self.estimator.network_.classifier.in_features
+
     def _raw_predictions(self, paths, options, reporter):
         proba, feats = self.estimator.predict_images(paths, device=options.device,
                                                      batch_size=options.batch_size, workers=options.workers,
@@ -206,14 +272,20 @@ class NetworkModel(TransferModel):
     @classmethod
     def fit(cls, head: str, params: dict, backbone: BackboneOptions, train: LabelledImages,
             val: LabelledImages | None, options: ExtractOptions, seed: int, calibrated: bool,
-            reporter: Reporter) -> tuple[NetworkModel, Fitted]:
+            reporter: Reporter, epoch_end: EpochEnd | None = None, folds: int = 0
+            ) -> tuple[NetworkModel, Fitted]:
+        if folds:
+            raise XferkitError(f"cross-fitting refits the head once per fold: it is for feature heads, not "
+                               f"{head}, which keeps its validation split.")
         estimator = create_head(head, **_with_run_params(head, params, backbone, options, seed))
         kept, skipped = readable_images(train.paths, device=options.device, batch_size=options.batch_size,
                                         workers=options.workers, strict=options.strict, reporter=reporter)
         y = _names(train)[kept]
         _check_every_class_left(y, train.classes)
-        seconds = _timed_fit(estimator, [train.paths[i] for i in kept], y, reporter)
+        seconds = _timed_fit(estimator, [train.paths[i] for i in kept], y, reporter, epoch_end=epoch_end)
         model = cls(estimator)
+        trained = model._raw_predictions([train.paths[i] for i in kept], options, reporter)[2]
+        model.class_means = ClassMeans.fit(trained.features, _indices(y[trained.kept]), len(model.classes))
         return model, Fitted(skipped + model._validated(val, options, calibrated, reporter), seconds)
 
     @classmethod
@@ -227,10 +299,18 @@ MODEL_TYPES: dict[str, type[TransferModel]] = {"features": FeatureModel, "pixels
 def fit_model(head: str, params: dict | None = None, *, backbone: BackboneOptions = BackboneOptions(),
               train: LabelledImages, val: LabelledImages | None = None,
               options: ExtractOptions = ExtractOptions(), seed: int = 0, calibrated: bool = True,
-              info: dict | None = None, reporter: Reporter = SILENT) -> tuple[TransferModel, Fitted]:
-    """Fit head *head* (with hyper-parameters *params*) on *train*; calibrate and score it on *val*."""
+              info: dict | None = None, reporter: Reporter = SILENT, epoch_end: EpochEnd | None = None,
+              folds: int = 0) -> tuple[TransferModel, Fitted]:
+    """Fit head *head* (with hyper-parameters *params*) on *train*; calibrate and score it on *val*.
+
+    ``folds`` > 1 (feature heads, no *val*): calibrate on out-of-fold predictions of *train* instead.
+
+    ``epoch_end(epoch, val_nll) -> stop``, for heads that train by epochs (an ``epochs`` parameter),
+    hears each epoch's validation NLL (*val*'s for feature heads, the trainer's own hold-out for pixel
+    trainers); True stops training there.
+    """
     model, fitted = MODEL_TYPES[head_kind(head)].fit(head, dict(params or {}), backbone, train, val, options,
-                                                      seed, calibrated, reporter)
+                                                      seed, calibrated, reporter, epoch_end, folds)
     model.info = {**(info or {}), "n_train": int(len(train) - _skipped_in(train, fitted.skipped)),
                   "n_val": int(model.metrics.get("n", 0)), "seed": seed,
                   "fit_seconds": round(fitted.seconds["fit"], 3)}
@@ -238,8 +318,15 @@ def fit_model(head: str, params: dict | None = None, *, backbone: BackboneOption
 
 
 def load_model(folder: str | Path) -> TransferModel:
-    """Rebuild the model saved in *folder*, each file checked before use; never runs code from it."""
+    """Rebuild the model saved in *folder*, each file checked before use; never runs code from it.
+
+    A ``.onnx`` file that ``xferkit export`` wrote loads as an ``OnnxModel``, which predicts the same way.
+    """
     folder = Path(folder)
+    if folder.suffix.lower() == ".onnx":
+        from xferkit.model.onnx.runtime import OnnxModel  # imports this module: loaded on first use
+
+        return OnnxModel.load(folder)
     manifest = read_manifest(folder)
     model = MODEL_TYPES[manifest.kind]._load(folder, manifest)
     params = _jsonable(model.estimator.get_params())
@@ -250,6 +337,10 @@ def load_model(folder: str | Path) -> TransferModel:
             raise damaged(folder / MANIFEST, f"does not match the saved head: the {what} differ between "
                                              f"{MANIFEST} and head.json (the folder was edited or mixed up)")
     model.calibration = Calibration(**manifest.calibration) if manifest.calibration else None
+    model.held_out = HeldOut.from_json(manifest.held_out) if manifest.held_out else None
+    model.class_means = load_class_means(folder, len(model.classes), model.n_features)
+    if model.held_out and model.held_out.ood_score == "distance" and model.class_means is None:
+        raise damaged(folder / MANIFEST, f"records OOD scores by distance but the folder lacks {CLASS_MEANS}")
     model.metrics, model.info = manifest.validation_metrics, manifest.info
     return model
 
@@ -274,11 +365,23 @@ def _with_run_params(head: str, params: dict, backbone: BackboneOptions, options
     return {**{k: v for k, v in run.items() if k in declared}, **params}
 
 
-def _timed_fit(estimator, X, y: np.ndarray, reporter: Reporter) -> dict[str, float]:
+def _timed_fit(estimator, X, y: np.ndarray, reporter: Reporter, **monitor) -> dict[str, float]:
+    """Fit *estimator*, drawing its progress; *monitor* (``epoch_end``...) goes to its ``fit``."""
     start = time.perf_counter()
-    with reporter.callback(f"fitting {estimator.name}") as progress:
-        estimator.fit(X, y, progress=progress)
+    with reporter.callback(f"fitting {estimator.name}") as progress, thread_budget():
+        estimator.fit(X, y, progress=progress, **monitor)
     return {"fit": time.perf_counter() - start}
+
+
+def _extract(backbone: Backbone, paths: list[Path], options: ExtractOptions, reporter: Reporter) -> Features:
+    return extract_features(backbone, paths, device=options.device, batch_size=options.batch_size,
+                            workers=options.workers, cache=options.cache, strict=options.strict,
+                            reporter=reporter)
+
+
+def _indices(names: np.ndarray) -> np.ndarray:
+    """Class indices of class *names*, in the sorted order a head's ``classes_`` takes."""
+    return np.unique(names, return_inverse=True)[1]
 
 
 def _names(data: LabelledImages) -> np.ndarray:

@@ -1,0 +1,276 @@
+"""Under torchrun: sharded extraction gives one process's features, a lost rank stops all, lr fits stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE, run_cli, write_image_folder
+from safetensors import safe_open
+
+from xferkit.backbones import create_backbone
+from xferkit.core import distributed
+from xferkit.core.errors import XferkitError
+from xferkit.features import extract as extract_module
+from xferkit.features import extract_features
+from xferkit.features.cache import verify_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path) -> Path:
+    """Three colour classes with an unreadable file in the first and in the last class (both shards)."""
+    root = write_image_folder(tmp_path / "data", per_class=6)
+    (root / "blue" / "0-broken.png").write_bytes(b"not an image")
+    (root / "red" / "zz-empty.png").write_bytes(b"")
+    return root
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _torchrun(*args) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 ARGS`` (as ``python -m torch.distributed.run``)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           "2", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_without_torchrun_every_helper_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.world_size() == 1 and distributed.is_main() and not distributed.init()
+    assert distributed.all_gather_objects("x") == ["x"] and distributed.broadcast_object(3) == 3
+    assert distributed.shard(7) == range(7)
+
+
+def test_shards_are_contiguous_balanced_and_cover_everything(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    shards = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        shards.append(distributed.shard(10))
+    assert [i for s in shards for i in s] == list(range(10))
+    assert {len(s) for s in shards} == {3, 4}
+
+
+def test_ranks_features_are_assembled_in_input_order(monkeypatch, folder_with_bad_files):
+    """Two simulated ranks (their all_gather answered by hand) give what one process gives."""
+    paths = sorted(p for p in folder_with_bad_files.rglob("*") if p.is_file())
+    backbone = create_backbone(TINY_BACKBONE, pretrained=False)
+    single = extract_features(backbone, paths, workers=0, cache=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(extract_module, "init", lambda: True)
+    local = []
+    for rank in range(2):  # each rank's own part, as it would send it
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setattr(extract_module, "all_gather_objects", lambda obj: local.append(obj) or [obj, obj])
+        extract_features(backbone, paths, workers=0, cache=False)
+    assert [len(part[0]) for part in local] == [len(paths) // 2 - 1, len(paths) - len(paths) // 2 - 1]
+    monkeypatch.setattr(extract_module, "all_gather_objects", lambda obj: local)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        both = extract_features(backbone, paths, workers=0, cache=False)
+        np.testing.assert_allclose(both.features, single.features, rtol=1e-4, atol=1e-5)
+        assert both.kept.tolist() == single.kept.tolist()
+        assert both.skipped == single.skipped and len(both.skipped) == 2
+        with pytest.raises(XferkitError, match="0-broken.png.*2 unreadable"):  # every rank: the same error
+            extract_features(backbone, paths, workers=0, cache=False, strict=True)
+
+
+@pytest.mark.slow
+def test_torchrun_extraction_matches_one_process(tmp_path, folder_with_bad_files):
+    """``torchrun --nproc-per-node 2 -m xferkit extract`` writes one process's features, rows and skips."""
+    one = tmp_path / "one.safetensors"
+    single = json.loads(run_cli("extract", folder_with_bad_files, "--backbone", TINY_BACKBONE,
+                                "--no-pretrained", "-o", one, "--no-cache", "--json").stdout)
+    two = tmp_path / "two.safetensors"
+    done = _torchrun("-m", "xferkit", "extract", folder_with_bad_files, "--backbone", TINY_BACKBONE,
+                     "--no-pretrained", "-o", two, "--json")
+    assert done.returncode == 0, done.stderr
+    both = json.loads(done.stdout)  # only rank 0 printed: one JSON document
+    assert both["skipped"] == single["skipped"] and len(both["skipped"]) == 2
+    with safe_open(one, "numpy") as a, safe_open(two, "numpy") as b:
+        assert a.metadata()["paths"] == b.metadata()["paths"]
+        np.testing.assert_allclose(a.get_tensor("features"), b.get_tensor("features"), rtol=1e-4, atol=1e-5)
+        assert (a.get_tensor("labels") == b.get_tensor("labels")).all()
+    assert verify_cache(Path(os.environ["XFERKIT_CACHE"])) == (2, 0)  # one shard a rank, both valid
+
+
+#: Rank 1 joins the group, then stops answering at its first collective (the test kills it there).
+STALLING_RANK = """
+import os, sys, time
+from pathlib import Path
+from xferkit.core import distributed
+from xferkit.features import extract
+
+def stall(obj):
+    distributed.init()
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+
+if distributed.rank() == 1:
+    extract.all_gather_objects = stall
+from xferkit.cli import app
+app(sys.argv[2:], prog_name="xferkit")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_every_rank_without_a_model(tmp_path, folder_with_bad_files):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script, marker, output = tmp_path / "rank.py", tmp_path / "stalled", tmp_path / "model"
+    script.write_text(STALLING_RANK)
+    command = [sys.executable, script, marker, "repurpose", folder_with_bad_files, "--backbone",
+               TINY_BACKBONE, "--no-pretrained", "-o", output]
+    ranks = [subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_PORT=str(port),
+                                       MASTER_ADDR="127.0.0.1", XFERKIT_DIST_TIMEOUT="60")) for r in range(2)]
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].communicate()[1]
+        time.sleep(0.2)
+    ranks[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = ranks[0].communicate(timeout=90)
+    assert time.monotonic() - killed < 60  # well within the collective timeout
+    assert ranks[0].returncode != 0 and ranks[1].wait() != 0
+    assert stderr.count("error:") == 1 and "another rank failed" in stderr and "Traceback" not in stderr
+    assert not output.exists() and not list(tmp_path.glob(".model*"))  # no model folder, no leftovers
+    checked, dropped = verify_cache(Path(os.environ["XFERKIT_CACHE"]))
+    assert checked >= 1 and dropped == 0  # rank 0's shard is there and valid: a re-run resumes from it
+
+
+def _features(n=480, dim=24, n_classes=3, seed=0):
+    """Overlapping classes through correlated, shifted, unevenly scaled channels (like CNN features)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    latent = rng.normal(0, 0.7, (n_classes, 6))[y] + rng.normal(0, 1, (n, 6))
+    X = np.abs(latent @ rng.normal(0, 1, (6, dim)) + rng.normal(0, 0.1, (n, dim))) * rng.uniform(0.1, 5, dim)
+    return X.astype(np.float32), y
+
+
+def _objective(head, X, y) -> float:
+    """scikit-learn's multinomial objective of a fitted LogisticHead, in float64."""
+    Z = head._standardised(X) @ head.coef_.T + head.intercept_
+    Z -= Z.max(axis=1, keepdims=True)
+    nll = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(y)), y]
+    return nll.mean() + (head.coef_ ** 2).sum() / (2 * head.C_ * len(y))
+
+
+def test_chunked_objective_and_gradient_are_the_in_memory_ones():
+    from xferkit.heads._lbfgs import _Chunks, _Problems
+
+    X, y = _features()
+    W = torch.from_numpy(np.random.default_rng(1).normal(0, 0.1, (2, X.shape[1] + 1, 3)).astype(np.float32))
+    lam = torch.tensor([1e-3, 1e-1], dtype=torch.float64)
+    whole = _Problems(_Chunks(torch.from_numpy(X), torch.device("cpu")), torch.from_numpy(y), 3)
+    chunked = _Problems(_Chunks(X, torch.device("cpu"), chunk_rows=37), torch.from_numpy(y), 3)
+    (f1, g1), (f2, g2) = whole.evaluate(W, lam), chunked.evaluate(W, lam)
+    np.testing.assert_allclose(f2.numpy(), f1.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g2.numpy(), g1.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_streamed_fit_of_a_memory_map_reaches_the_in_memory_objective(tmp_path):
+    from xferkit.heads import LogisticHead
+
+    X, y = _features(n=240)
+    np.save(tmp_path / "X.npy", X)
+    mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
+    in_memory = LogisticHead(C=1.0, solver="torch").fit(X, y)
+    streamed = LogisticHead(C=1.0).fit_streamed(mapped, y, chunk_rows=80)
+    np.testing.assert_allclose(streamed.mean_, in_memory.mean_, rtol=1e-6)
+    np.testing.assert_allclose(streamed.scale_, in_memory.scale_, rtol=1e-6)
+    reached, reference = _objective(streamed, X, y), _objective(in_memory, X, y)
+    assert abs(reached - reference) <= 1e-6 * reference
+    assert (streamed.predict(X) == in_memory.predict(X)).mean() > 0.99
+    with pytest.raises(XferkitError, match="needs a number for C"):
+        LogisticHead().fit_streamed(mapped, y)
+
+
+#: Each rank fits its own half of the rows, sharded; rank 0 saves the coefficients it got.
+SHARDED_FIT = """
+import sys
+import numpy as np
+import torch
+from xferkit.core import distributed
+from xferkit.heads import LogisticHead
+
+X, y = np.load(sys.argv[1], mmap_mode="r"), np.load(sys.argv[2])
+part = distributed.shard(len(y))
+head = LogisticHead(C=1.0).fit_streamed(X[part.start:part.stop], y[part.start:part.stop], chunk_rows=50,
+                                        sharded=True)
+every = distributed.all_gather_objects(head.coef_)
+if distributed.is_main():
+    same = all((c == every[0]).all() for c in every)
+    np.savez(sys.argv[3], coef=head.coef_, intercept=head.intercept_, same=same)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_fit_under_torchrun_reaches_the_single_process_objective(tmp_path):
+    from xferkit.heads import LogisticHead
+
+    X, y = _features()
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / "fit.py").write_text(SHARDED_FIT)
+    done = _torchrun(tmp_path / "fit.py", tmp_path / "X.npy", tmp_path / "y.npy", tmp_path / "out.npz")
+    assert done.returncode == 0, done.stderr
+    result = np.load(tmp_path / "out.npz")
+    assert result["same"]  # every rank took the same steps
+    single = LogisticHead(C=1.0, solver="torch").fit(X, y)
+    sharded = LogisticHead(C=1.0).fit_streamed(X, y)  # for its fitted statistics; the weights replaced next
+    sharded.coef_, sharded.intercept_ = result["coef"], result["intercept"]
+    reached, reference = _objective(sharded, X, y), _objective(single, X, y)
+    assert abs(reached - reference) <= 1e-6 * reference
+
+
+@pytest.mark.slow
+def test_ddp_finetune_on_two_ranks_learns_like_one_process_and_loads_in_one(tmp_path, split_folder):
+    """Same global batch on 2 gloo ranks and on 1 process: both learn the colours; the model loads in one."""
+    train = ["--head", "finetune", "--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32",
+             "--epochs", "8", "--batch-size", "8", "--workers", "0", "--learning-rate", "0.01"]
+    run_cli("repurpose", split_folder, *train, "-o", tmp_path / "one")
+    done = _torchrun("-m", "xferkit", "repurpose", split_folder, *train, "-o", tmp_path / "two", "--json")
+    assert done.returncode == 0, done.stderr
+    history = json.loads((tmp_path / "two" / "head.json").read_text())["info"]["history"]
+    assert history["batch_size"] == 8 and history["epochs_run"] >= 5  # the global batch; the second half
+    accuracy = [json.loads(run_cli("evaluate", tmp_path / name, split_folder / "test", "--json").stdout)
+                ["metrics"]["accuracy"] for name in ("one", "two")]
+    assert min(accuracy) >= 0.8 and abs(accuracy[0] - accuracy[1]) <= 0.2, accuracy
+
+
+@pytest.mark.slow
+def test_lr_scale_benchmark_runs_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lr_scale
+
+    result = lr_scale.main(["--rows", "3000", "--dim", "16", "--classes", "3", "--chunk-rows", "700",
+                            "--data", str(tmp_path / "X.npy"), "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == result
+    assert result["peak_rss_mb"] >= result["peak_rss_mb_before_fit"] > 0 and result["iterations"] > 0
+    assert result["train_accuracy_sample"] > 0.6 and not (tmp_path / "X.npy").exists()
+
+
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_commands_not_made_rank_aware_refuse_torchrun(monkeypatch, tmp_path, command):
+    import xferkit
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(XferkitError, match=f"{command} runs in one process"):
+        getattr(xferkit, command)(tmp_path / "data", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
