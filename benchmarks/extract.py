@@ -34,7 +34,7 @@ from torchvision import transforms as T
 
 from xferkit.backbones import create_backbone
 from xferkit.core.devices import available_cores, default_workers, resolve_device
-from xferkit.core.threads import thread_budget
+from xferkit.core.threads import thread_budget, workers_to_spare
 from xferkit.features import extract_features
 from xferkit.features.extract import inference_context, inference_model
 
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                                                          preprocess.input_size)
     result["peak_mb_ceiling"] = mem.peak_mb
     workers = default_workers(device) if args.workers is None else args.workers
-    with thread_budget(workers) as threads:
+    with thread_budget(workers_to_spare(device.type, workers)) as threads:
         phases["ceiling_budget_threads"] = time_ceiling(model, device, len(paths), batch_size,
                                                         preprocess.input_size)
     result["budget_threads"] = threads

@@ -89,7 +89,7 @@ def test_an_old_folder_loads_and_predicts_but_coverage_asks_to_repurpose(model_f
     out = json.loads(run_cli("predict", old, colours / "test", "--json", "--workers", "0").stdout)
     assert "ood" not in out["predictions"][0] and "prediction_set" not in out["predictions"][0]
     error = run_cli("predict", old, colours / "test", "--coverage", "0.9", code=2).output
-    assert "re-run `xferkit repurpose`" in error and error.count("error:") == 1
+    assert "`xferkit repurpose` run with --val-split" in error and error.count("error:") == 1
 
 
 @pytest.mark.parametrize("edit, message", [

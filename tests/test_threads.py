@@ -63,3 +63,12 @@ def test_head_fits_run_within_the_budget(monkeypatch):
     head = Recorder()
     _timed_fit(head, np.zeros((4, 2)), np.zeros(4), SILENT)
     assert head.inside == (1, {1}) and torch.get_num_threads() == before
+
+
+def test_a_cpu_backbone_keeps_every_core_and_a_gpu_one_leaves_them_to_the_decoders(monkeypatch):
+    from xferkit.core.threads import workers_to_spare
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr("xferkit.core.threads.available_cores", lambda: 8)
+    assert thread_count(workers_to_spare("cpu", 3)) == 8
+    assert thread_count(workers_to_spare("cuda", 3)) == 5

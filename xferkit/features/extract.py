@@ -25,7 +25,7 @@ from xferkit.core.devices import default_workers, resolve_device
 from xferkit.core.distributed import all_gather_objects, init, shard
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
-from xferkit.core.threads import thread_budget
+from xferkit.core.threads import thread_budget, workers_to_spare
 from xferkit.features.cache import FeatureCache, content_keys, default_cache_dir
 from xferkit.features.loader import Chunk, ExtractionItems, chunk_loader
 from xferkit.io.jpeg_device import decode_oriented, gpu_decode_available
@@ -143,7 +143,7 @@ def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, b
     normalize, pending = Normalizer(backbone.preprocess, device), None
     try:
         with (reporter.task(f"extracting {backbone.name}", len(paths)) as task,
-              thread_budget(workers), inference_context(device)):
+              thread_budget(workers_to_spare(device.type, workers)), inference_context(device)):
             for index, images in _batches(loader, normalize, batch_size, failures, task):
                 feats = _to_host(model(images))
                 if pending is not None:

@@ -78,8 +78,9 @@ def require_held_out(held_out: HeldOut | None, what: str) -> HeldOut:
     """*held_out*, or the error for a model saved without one (before this xferkit, or without validation)."""
     if held_out is None:
         raise XferkitError(f"{what} needs held-out predictions this model did not record (it was saved by an "
-                           "older xferkit, or fitted without validation images): re-run `xferkit repurpose` "
-                           "(with --val-split > 0 or a val/ folder).")
+                           "older xferkit, fitted without validation images, or is an exported .onnx file, "
+                           "which carries probabilities only): use the model folder of a `xferkit repurpose` "
+                           "run with --val-split > 0 or a val/ folder.")
     return held_out
 
 
