@@ -259,7 +259,7 @@ def run_head(name: str, fit, test_source: Path, folder: Path, options: ExtractOp
 
 def _can_cover(model, coverage: float) -> bool:
     """Whether *model* records enough held-out images for prediction sets at *coverage*."""
-    held_out = getattr(model, "held_out", None)
+    held_out = model.held_out
     try:
         return held_out is not None and held_out.set_threshold(coverage) is not None
     except XferkitError:

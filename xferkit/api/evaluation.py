@@ -62,7 +62,7 @@ def default_test_data(model: TransferModel) -> Path:
 
 def held_out_of(model: TransferModel, asked: str) -> HeldOut:
     """The model's held-out record, needed for what the user *asked*; a model without one is refused."""
-    return require_held_out(getattr(model, "held_out", None), asked)
+    return require_held_out(model.held_out, asked)
 
 
 def evaluate(model: str | Path | TransferModel, data: str | Path | None = None, *,
@@ -186,7 +186,7 @@ class PredictionResult:
 
 def _flag_threshold(model: TransferModel, rate: float | None, reporter: Reporter) -> float | None:
     """The OOD score threshold at false-alarm *rate*; without one asked, the default rate where possible."""
-    held_out = getattr(model, "held_out", None)
+    held_out = model.held_out
     if rate is not None:
         return held_out_of(model, "--ood-rate").threshold(rate)
     if held_out is None:
@@ -224,14 +224,13 @@ def predict(model: str | Path | TransferModel, inputs: list[str | Path], *, top_
     flag_threshold = _flag_threshold(model, ood_rate, reporter)
     paths = expand_image_paths(inputs)
     out = model.predict(paths, options, reporter)
-    order = np.argsort(-out.proba, axis=1)[:, :top_k]
+    ranking = np.argsort(-out.proba, axis=1)  # most probable first
     sets = prediction_sets(out.proba, set_threshold) if set_threshold is not None else None
     flags = out.uncertainty[model.held_out.ood_score] > flag_threshold if flag_threshold is not None else None
     rows = []
     for row, i in enumerate(out.kept):
-        best = [(model.classes[c], float(out.proba[row, c])) for c in order[row]]
-        chosen = ([model.classes[c] for c in np.argsort(-out.proba[row]) if sets[row, c]]
-                  if sets is not None else None)  # most probable first
+        best = [(model.classes[c], float(out.proba[row, c])) for c in ranking[row, :top_k]]
+        chosen = [model.classes[c] for c in ranking[row] if sets[row, c]] if sets is not None else None
         rows.append(Prediction(paths[i], best[0][0], best[0][1], best,
                                {k: float(v[row]) for k, v in out.uncertainty.items()}, chosen,
                                bool(flags[row]) if flags is not None else None))

@@ -31,6 +31,7 @@ class OnnxModel:
         self.path, self.metadata = Path(path), metadata
         self.classes, self.head = list(metadata.classes), metadata.head
         self.calibration, self.metrics = None, {}  # the temperature is inside the graph
+        self.held_out = None  # probabilities only: no held-out scores for sets or OOD flags
         self.info = {"data": metadata.data} if metadata.data else {}
         self._sessions: dict[tuple[str, ...], object] = {}
 
