@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import TINY_BACKBONE
 from PIL import Image, ImageOps
+from torchvision.transforms import functional as TF
 
 from xferkit.backbones import create_backbone
 from xferkit.core.errors import XferkitError
 from xferkit.features import extract_features
-from xferkit.io.images import read_jpeg
+from xferkit.io.images import load_rgb, read_jpeg
 from xferkit.io.jpeg_device import orient
-from xferkit.preprocess import image_to_tensor, resize_crop
+from xferkit.preprocess import resize_crop, resized_centre
 
 
 def _photo(path, size=(90, 60), orientation=1, seed=0, **save):
@@ -40,8 +41,8 @@ def test_resize_crop_matches_the_pillow_path(tmp_path):
     preprocess = create_backbone(TINY_BACKBONE, pretrained=False).preprocess
     path = _photo(tmp_path / "a.jpg", size=(400, 300))
     pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    ours = resize_crop(pixels[None], preprocess)[0]
-    reference = image_to_tensor(path, preprocess).float()
+    ours = resize_crop(pixels[None].float(), preprocess)[0]  # float, as on a GPU
+    reference = TF.pil_to_tensor(resized_centre(load_rgb(path), preprocess)).float()
     assert ours.shape == reference.shape
     assert (ours - reference).abs().mean() < 2.0  # of 255: the two resamplers round differently
 

@@ -13,13 +13,11 @@ from torch.utils.data import DataLoader, Dataset
 from xferkit.core.devices import default_workers
 from xferkit.io.images import UnreadableImage, read_jpeg
 from xferkit.io.jpeg_device import JpegBatch
-from xferkit.preprocess import Preprocess, image_to_tensor
+from xferkit.preprocess import MAX_TENSOR_ASPECT, Preprocess, image_to_tensor
 
 #: Images a worker hands over at a time when several share a batch: decoded ones, or
 #: undecoded JPEGs (cheap to read, and the GPU decoder is faster on larger batches).
 CHUNK = {False: 32, True: 64}
-#: JPEGs longer than this many times their width (or wider than tall) are decoded on the CPU.
-MAX_DEVICE_ASPECT = 4
 
 
 class ImageTensors(Dataset):
@@ -50,7 +48,7 @@ class ExtractionItems(ImageTensors):
 
     def __getitem__(self, i: int):
         jpeg = read_jpeg(self.paths[i]) if self.device_jpegs else None
-        if jpeg is not None and max(jpeg.size) > MAX_DEVICE_ASPECT * min(jpeg.size):
+        if jpeg is not None and max(jpeg.size) > MAX_TENSOR_ASPECT * min(jpeg.size):
             jpeg = None  # resized whole on the device, a long strip would take gigabytes: the CPU crops first
         return (i, None, "", jpeg) if jpeg is not None else (*self.decode(i), None)
 
