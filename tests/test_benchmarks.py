@@ -110,13 +110,14 @@ def test_a_decoder_that_cannot_load_is_reported_not_fatal(bench, tmp_path, monke
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "turbojpeg", None)
     found = decoders.available()
-    assert found["simplejpeg"].startswith("unavailable: ModuleNotFoundError")
-    assert found["pyturbojpeg"].startswith("unavailable: ModuleNotFoundError")
+    assert found["simplejpeg M/8, pil resize"].startswith("unavailable: ModuleNotFoundError")
+    assert found["pyturbojpeg M/8, pil resize"].startswith("unavailable: ModuleNotFoundError")
     from xferkit.preprocess import Preprocess
 
     path = _oriented_jpeg(tmp_path / "a.jpg", (160, 120), 6)
     preprocess = Preprocess((64, 64), "bilinear", (0.5,) * 3, (0.5,) * 3, 0.875)
     results = decoders.measure([path], preprocess, rounds=1)
-    assert results["simplejpeg"]["status"].startswith("unavailable")
-    assert results["pil draft (xferkit)"]["max_mean_abs_diff"] == 0
+    assert results["simplejpeg M/8, pil resize"]["status"].startswith("unavailable")
+    assert results["pil draft"]["max_mean_abs_diff"] == 0
+    assert results["xferkit (simplejpeg, torch resize)"]["max_mean_abs_diff"] < 1
     assert results["pil full"]["cpu_ms_per_image"] > 0

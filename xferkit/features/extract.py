@@ -1,7 +1,8 @@
 """Push images through a backbone once, in batches, and keep the features (cached on disk by content).
 
-Extraction runs as fast as the backbone allows: JPEGs decode at reduced size (draft mode) in
-worker processes budgeted against the cores torch computes on, or on the GPU (nvJPEG); uint8
+Extraction runs as fast as the backbone allows: JPEGs decode at reduced size (DCT scaling) in
+worker processes budgeted against the cores torch computes on, or on the GPU (DALI's hardware
+decoder, decoding the next batch while the backbone runs this one, or torchvision's nvJPEG); uint8
 images travel to the device through pinned memory and are normalised there; on CUDA the
 backbone runs in bf16 channels-last and each batch's features come back while the next batch
 computes. Completed rows reach the cache every ``STORE_EVERY`` images, so an interrupted run
@@ -10,7 +11,8 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +30,12 @@ from xferkit.core.reporting import SILENT, Reporter
 from xferkit.core.threads import thread_budget, workers_to_spare
 from xferkit.features.cache import FeatureCache, content_keys, default_cache_dir
 from xferkit.features.loader import Chunk, ExtractionItems, chunk_loader
+from xferkit.io.jpeg_dali import DaliDecoder, dali_available, dali_supports
 from xferkit.io.jpeg_device import decode_oriented, gpu_decode_available
 from xferkit.preprocess import Normalizer, Preprocess, resize_decoded, supports_tensor_resize
 
 #: Where plain JPEGs are decoded (see ``extract_features``).
-DECODE_CHOICES = ("auto", "workers", "device")
+DECODE_CHOICES = ("auto", "workers", "device", "dali")
 #: Rows written to the cache at a time during an extraction (what an interruption can lose at most).
 STORE_EVERY = 512
 
@@ -55,9 +58,11 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
 
     ``cache``: ``True`` uses the default cache folder, a path another one, ``False`` none.
     ``strict`` turns the first unreadable file into an error instead of a counted skip.
-    ``decode`` says where plain JPEGs are decoded: ``"workers"`` (PIL, in draft mode, in the worker
-    processes), ``"device"`` (torchvision on the extraction device: nvJPEG on a GPU) or ``"auto"``
-    (the device when it is a GPU with nvJPEG, else the workers); other files always use the workers.
+    ``decode`` says where plain JPEGs are decoded: ``"workers"`` (libjpeg-turbo through simplejpeg, in the
+    worker processes), ``"device"`` (torchvision on the extraction device: nvJPEG on a GPU), ``"dali"``
+    (NVIDIA DALI: the GPU's hardware JPEG decoder, or libjpeg-turbo on a CPU) or ``"auto"`` (on a
+    GPU DALI where installed, else nvJPEG, else the workers; on a CPU the workers); other files
+    always use the workers.
     Under torchrun each rank extracts (and caches) its own contiguous shard of *paths*, and every
     rank gets all the features.
     """
@@ -84,12 +89,13 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
              cache: bool | str | Path, decode: str, reporter: Reporter) -> Features:
     """:func:`extract_features` in this process, skipped files listed (never an error)."""
     dev = resolve_device(device)
-    device_jpegs = _decode_on_device(decode, dev, backbone.preprocess)
+    dali = _dali_decoder(decode, dev, backbone.preprocess, batch_size, workers)
+    device_jpegs = dali is not None or _decode_on_device(decode, dev, backbone.preprocess)
     store = None
     keys: list[str | None] = [None] * len(paths)
     if cache is not False:
         root = default_cache_dir() if cache is True else Path(cache)
-        extractor = extractor_key(backbone, dev, device_jpegs)
+        extractor = extractor_key(backbone, dev, device_jpegs, dali=dali is not None)
         store = FeatureCache(root, extractor, backbone.num_features, reporter)
         keys = content_keys(paths)
     found = store.lookup(keys) if store else {}
@@ -111,7 +117,7 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
 
         try:
             for index, rows in _run_backbone(backbone, [paths[i] for i in todo], dev, batch_size, workers,
-                                             device_jpegs, failures, reporter):
+                                             device_jpegs, dali, failures, reporter):
                 index = todo[index]
                 out[index] = rows
                 cacheable = np.array([keys[i] is not None for i in index], dtype=bool)
@@ -126,16 +132,17 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
     return Features(out[kept], kept, skipped, len(found))
 
 
-def extractor_key(backbone: Backbone, device: torch.device, device_jpegs: bool) -> dict:
+def extractor_key(backbone: Backbone, device: torch.device, device_jpegs: bool, dali: bool = False) -> dict:
     """Everything that changes a feature value: weights, layer, preprocessing, decoder and precision."""
+    decoder = "dali" if dali else "device" if device_jpegs else "cpu"  # "pil" before simplejpeg
     return {"name": backbone.name, "digest": backbone.weights_digest, "layer": backbone.layer,
-            "preprocess": backbone.preprocess.to_json(), "decode": "device" if device_jpegs else "pil",
+            "preprocess": backbone.preprocess.to_json(), "decode": decoder,
             "precision": "bf16" if device.type == "cuda" else "fp32"}
 
 
 def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, batch_size: int,
-                  workers: int | None, device_jpegs: bool, failures: dict[int, str], reporter: Reporter
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  workers: int | None, device_jpegs: bool, dali: DaliDecoder | None, failures: dict[int, str],
+                  reporter: Reporter) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(indices into paths, feature rows)`` batch by batch; decode failures go into *failures*."""
     model = inference_model(backbone, device)
     workers = default_workers(device) if workers is None else workers
@@ -144,7 +151,7 @@ def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, b
     try:
         with (reporter.task(f"extracting {backbone.name}", len(paths)) as task,
               thread_budget(workers_to_spare(device.type, workers)), inference_context(device)):
-            for index, images in _batches(loader, normalize, batch_size, failures, task):
+            for index, images in _batches(loader, normalize, batch_size, failures, task, dali):
                 feats = _to_host(model(images))
                 if pending is not None:
                     yield _collect(*pending, task)
@@ -167,13 +174,30 @@ def _decode_on_device(decode: str, device: torch.device, preprocess: Preprocess)
     return works
 
 
-def _batches(loader: DataLoader, normalize: Normalizer, batch_size: int, failures: dict, task):
+def _dali_decoder(decode: str, device: torch.device, preprocess: Preprocess, batch_size: int,
+                  workers: int | None) -> DaliDecoder | None:
+    """The DALI decoder for ``decode='dali'`` (an error where it cannot run), or for ``'auto'`` on CUDA
+    where DALI is installed and reproduces the preprocessing; else ``None``."""
+    recipe = preprocess.resize_size, preprocess.input_size, preprocess.interpolation
+    if decode != "dali" and not (decode == "auto" and device.type == "cuda" and dali_available()
+                                 and dali_supports(*recipe)):
+        return None
+    threads = default_workers(device) if workers is None else workers
+    return DaliDecoder(device, *recipe, max_batch=batch_size, threads=threads)
+
+
+def _batches(loader: DataLoader, normalize: Normalizer, batch_size: int, failures: dict, task,
+             dali: DaliDecoder | None):
     """Normalised device batches of up to *batch_size* images, joined from the loader's chunks."""
     index, images = [], []
-    for chunk in loader:
+    if dali is None:
+        chunks = ((c, _nvjpeg_parts(c, loader.dataset.preprocess, normalize.device)) for c in loader)
+    else:
+        chunks = _ahead(loader, lambda chunk: [dali.decode(chunk.jpegs)])
+    for chunk, jpeg_parts in chunks:
         known = len(failures)
         failures.update(chunk.failed)
-        for part_index, part in _chunk_parts(chunk, loader.dataset, normalize.device, failures):
+        for part_index, part in _chunk_parts(chunk, loader.dataset, jpeg_parts, failures):
             index.append(part_index)
             images.append(normalize(part))
         task.advance(len(failures) - known)
@@ -184,16 +208,43 @@ def _batches(loader: DataLoader, normalize: Normalizer, batch_size: int, failure
         yield torch.cat(index), torch.cat(images)
 
 
-def _chunk_parts(chunk: Chunk, dataset: ExtractionItems, device: torch.device, failures: dict):
-    """(index, images) of a chunk: those the workers decoded, then its JPEGs decoded on *device*."""
+#: A chunk's JPEGs as a device decoder returns them: (positions decoded, their images, positions rejected).
+JpegParts = Iterable[tuple[list[int], torch.Tensor | None, list[int]]]
+
+
+def _ahead(chunks: Iterable[Chunk], decode: Callable[[Chunk], JpegParts]
+           ) -> Iterator[tuple[Chunk, JpegParts]]:
+    """Each chunk with its decoded JPEGs, the next chunk decoding in a thread while this one is used.
+
+    DALI releases the GIL while it decodes (and runs on its own CUDA stream), so batch k+1 decodes
+    while the backbone computes batch k.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="xferkit-decode") as pool:
+        pending = None
+        for chunk in chunks:
+            submitted = chunk, pool.submit(decode, chunk)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = submitted
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def _nvjpeg_parts(chunk: Chunk, preprocess: Preprocess, device: torch.device) -> JpegParts:
+    """A chunk's JPEGs decoded by torchvision on *device* (nvJPEG on a GPU), resized, part by part."""
+    for part in decode_oriented(chunk.jpegs, device) if len(chunk.jpegs) else ():
+        positions, images = resize_decoded([(k, image) for k, image in part if image is not None], preprocess)
+        yield positions, images, [k for k, image in part if image is None]
+
+
+def _chunk_parts(chunk: Chunk, dataset: ExtractionItems, jpeg_parts: JpegParts, failures: dict):
+    """(index, images) of a chunk: those the workers decoded, then its JPEGs as a device decoder gave them."""
     if len(chunk.index):
         yield chunk.index, chunk.images
-    for part in decode_oriented(chunk.jpegs, device) if len(chunk.jpegs) else ():
-        decoded = [(chunk.jpeg_index[k], image) for k, image in part if image is not None]
-        index, images = resize_decoded(decoded, dataset.preprocess)
+    for positions, images, rejected in jpeg_parts:
         if images is not None:
-            yield torch.tensor(index), images
-        for k in (k for k, image in part if image is None):  # rejected by the device decoder
+            yield torch.tensor([chunk.jpeg_index[k] for k in positions]), images
+        for k in rejected:  # the device decoder refused it: PIL, here
             i, image, message = dataset.decode(chunk.jpeg_index[k])
             if image is None:
                 failures[i] = message
