@@ -1,4 +1,4 @@
-"""Under torchrun: sharded extraction gives one process's features, a lost rank stops all, lr fits stream."""
+"""Under torchrun: extraction, compare and DDP match one process; a lost rank stops all; heads scale."""
 
 from __future__ import annotations
 
@@ -266,11 +266,165 @@ def test_lr_scale_benchmark_runs_end_to_end(monkeypatch, tmp_path):
     assert result["train_accuracy_sample"] > 0.6 and not (tmp_path / "X.npy").exists()
 
 
-@pytest.mark.parametrize("command", ["compare", "tune"])
-def test_commands_not_made_rank_aware_refuse_torchrun(monkeypatch, tmp_path, command):
+def test_tune_refuses_torchrun_and_says_to_run_it_in_one_process(monkeypatch, tmp_path):
     import xferkit
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(XferkitError, match=f"{command} runs in one process"):
-        getattr(xferkit, command)(tmp_path / "data", output=tmp_path / "out")
+    with pytest.raises(XferkitError, match="tune runs in one process: run it without torchrun"):
+        xferkit.tune(tmp_path / "data", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_fails_on_one_rank_fails_on_every_rank(monkeypatch):
+    """The other ranks' outcomes (their all_gather answered by hand) decide this rank's."""
+    assert distributed.raise_together(lambda: 7) == 7  # one process: the step itself
+    with pytest.raises(ZeroDivisionError):
+        distributed.raise_together(lambda: 1 / 0)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj: [obj, "rank 1: OSError: disk full"])
+    with pytest.raises(XferkitError, match="rank 1: OSError: disk full"):
+        distributed.raise_together(lambda: 7)
+
+
+#: What compare writes, each file once (the heads' model folders come on top).
+COMPARE_OUTPUTS = {"report.json", "test.csv", "reliability.png", "accuracy_vs_fit_time.png"}
+COMPARE = ["--backbone", TINY_BACKBONE, "--no-pretrained", "--image-size", "32", "--workers", "0",
+           "--epochs", "2", "--batch-size", "8", "--json"]
+
+
+def test_compare_off_rank_0_writes_nothing(monkeypatch, tmp_path):
+    """A rank other than 0 runs the whole comparison but leaves no file: rank 0 writes them."""
+    from xferkit.api import comparison
+
+    data = write_image_folder(tmp_path / "data", per_class=12)
+    monkeypatch.setattr(comparison, "is_main", lambda: False)
+    tiny = comparison.BackboneOptions(TINY_BACKBONE, pretrained=False, image_size=32)
+    result = comparison.compare(data, backbone=tiny, heads=["lr"], output=tmp_path / "cmp",
+                                options=comparison.ExtractOptions(workers=0))
+    assert [row.status for row in result.rows] == ["ok"] and result.rows[0].metrics["accuracy"] > 0.9
+    assert result.sizes["test"] == 6 and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_compare_gives_one_process_table_and_writes_once(tmp_path):
+    """2 ranks: the feature heads score as in one process, finetune trains with DDP; one set of outputs."""
+    data = write_image_folder(tmp_path / "data", per_class=12)
+    heads = ["--heads", "lr,gp,finetune"]
+    single = json.loads(run_cli("compare", data, "-o", tmp_path / "one", *COMPARE, *heads).stdout)
+    done = _torchrun("-m", "xferkit", "compare", data, "-o", tmp_path / "two", *COMPARE, *heads)
+    assert done.returncode == 0, done.stderr
+    both = json.loads(done.stdout)  # only rank 0 printed: one JSON document
+    assert json.loads((tmp_path / "two" / "report.json").read_text()) == both
+    rows = {row["head"]: row for row in both["heads"]}
+    assert all(row["status"] == "ok" for row in rows.values()), both["heads"]
+    for row in single["heads"]:
+        if row["head"] != "finetune":  # feature heads: the same features, so the same fit and scores
+            for key in ("accuracy", "macro_f1", "nll", "ece", "brier"):
+                got = rows[row["head"]][key]
+                assert got == pytest.approx(row[key], rel=1e-3, abs=1e-4), (row["head"], key)
+    assert rows["finetune"]["n_test"] == single["heads"][2]["n_test"] == both["split"]["test"] == 6
+    assert "2 torchrun processes" in " ".join(both["notes"])
+    written = {p.name for p in (tmp_path / "two").iterdir()}
+    assert written == COMPARE_OUTPUTS | {"lr", "gp", "finetune"}  # no second copy, no temporary leftovers
+    assert (tmp_path / "two" / "test.csv").read_text() == (tmp_path / "one" / "test.csv").read_text()
+    for name in ("lr", "finetune"):  # the saved models load and predict in one process
+        scored = json.loads(run_cli("evaluate", tmp_path / "two" / name, tmp_path / "two" / "test.csv",
+                                    "--workers", "0", "--json").stdout)
+        assert scored["metrics"]["accuracy"] == pytest.approx(rows[name]["accuracy"])
+
+
+def test_sync_batchnorm_converts_in_place_keeping_what_trains_and_what_saves():
+    """Every batch norm becomes SyncBatchNorm with the same parameter objects (the optimiser's) and keys."""
+    from torch import nn
+
+    from xferkit.finetune import loop
+    from xferkit.finetune.network import ImageClassifier
+
+    network = ImageClassifier(create_backbone(TINY_BACKBONE, pretrained=False).model, 3)
+    params, keys = list(network.parameters()), set(network.learned_state())
+    norms = [name for name, m in network.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    loop.synchronise_batchnorm(network, torch.device("cuda"))  # a device name: nothing runs on it here
+    assert all(isinstance(network.get_submodule(name), nn.SyncBatchNorm) for name in norms)
+    assert not any(type(m) is nn.BatchNorm2d for m in network.modules())
+    assert all(a is b for a, b in zip(network.parameters(), params, strict=True))
+    assert set(network.learned_state()) == keys
+
+
+def test_sync_batchnorm_is_refused_on_the_cpu_before_training(monkeypatch, tmp_path):
+    """``--set finetune.sync_batchnorm=true`` reaches the loop, which refuses it on the CPU under torchrun."""
+    from xferkit.finetune import FinetuneClassifier, loop
+    from xferkit.model.registry import parse_settings
+
+    settings = parse_settings(["finetune.sync_batchnorm=true", "scratch.sync_batchnorm=yes"])
+    assert settings == {"finetune": {"sync_batchnorm": True}, "scratch": {"sync_batchnorm": True}}
+    data = write_image_folder(tmp_path / "data", per_class=4)
+    paths = sorted(data.rglob("*.png"))
+    monkeypatch.setattr(loop, "init", lambda: True)  # as under torchrun, without a process group
+    monkeypatch.setattr(loop, "DistributedDataParallel", lambda *a, **k: pytest.fail("wrapped on the CPU"))
+    trainer = FinetuneClassifier(TINY_BACKBONE, pretrained=False, image_size=32, epochs=1, device="cpu",
+                                 workers=0, **settings["finetune"])
+    with pytest.raises(XferkitError, match="sync_batchnorm=True needs GPUs.*does not run on the CPU"):
+        trainer.fit(paths, [p.parent.name for p in paths])
+
+
+def test_a_pixel_model_saved_before_sync_batchnorm_existed_still_loads(tmp_path):
+    from xferkit.finetune import FinetuneClassifier, PixelClassifier
+
+    data = write_image_folder(tmp_path / "data", per_class=4)
+    paths = sorted(data.rglob("*.png"))
+    trainer = FinetuneClassifier(TINY_BACKBONE, pretrained=False, image_size=32, epochs=1, device="cpu",
+                                 workers=0, random_state=0).fit(paths, [p.parent.name for p in paths])
+    trainer.save(tmp_path / "model")
+    manifest = json.loads((tmp_path / "model" / "head.json").read_text())
+    del manifest["params"]["sync_batchnorm"]  # as an earlier version wrote it
+    (tmp_path / "model" / "head.json").write_text(json.dumps(manifest))
+    loaded = PixelClassifier.load(tmp_path / "model")
+    assert loaded.get_params() == trainer.get_params() and loaded.sync_batchnorm is False
+    np.testing.assert_allclose(loaded.predict_proba(paths[:3]), trainer.predict_proba(paths[:3]), atol=1e-5)
+
+
+def test_gp_places_inducing_points_by_kmeans_on_a_seeded_sample(monkeypatch):
+    """Beyond KMEANS_ROWS rows k-means sees a sample (the same for the same seed); below, every row."""
+    from xferkit.heads import GPHead
+    from xferkit.heads import gp as gp_module
+
+    seen = []
+
+    class Recording(gp_module.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            seen.append(np.array(X))
+            return super().fit(X)
+
+    monkeypatch.setattr(gp_module, "KMeans", Recording)
+    monkeypatch.setattr(gp_module, "KMEANS_ROWS", 100)
+    Z = torch.from_numpy(_features(n=300, dim=8)[0])
+
+    def inducing(m: int, rows: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        head = GPHead("svgp", inducing=m)
+        head.seed_ = seed
+        return head._kmeans(rows)
+
+    first, again = inducing(10, Z), inducing(10, Z)
+    assert [len(points) for points in seen] == [100, 100] and np.array_equal(seen[0], seen[1])
+    assert first.shape == (10, 8) and torch.equal(first, again)
+    assert len(np.unique(seen[0], axis=0)) == 100  # distinct rows of Z, no repeats
+    inducing(10, Z, seed=1)
+    assert not np.array_equal(seen[-1], seen[0])  # another seed, another sample
+    inducing(20, Z)
+    assert len(seen[-1]) == 160  # at least 8 rows per inducing point
+    inducing(10, Z[:90])
+    np.testing.assert_array_equal(seen[-1], Z[:90].numpy())  # fewer rows than the sample: all, in order
+
+
+@pytest.mark.slow
+def test_gp_scale_benchmark_runs_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gp_scale
+
+    result = gp_scale.main(["--rows", "1200", "--dim", "16", "--classes", "3", "--inducing", "16", "--epochs",
+                            "2", "--data", str(tmp_path / "X.npy"), "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == result
+    peak, seconds = result["peak_rss_mb"], result["seconds"]
+    assert peak["fit_end"] >= peak["first_epoch"] >= peak["kmeans_start"] >= peak["before_fit"] > 0
+    assert seconds["fit"] >= seconds["kmeans"] > 0 and result["epochs"] == 2
+    assert result["train_accuracy_sample"] > 0.6 and not (tmp_path / "X.npy").exists()

@@ -6,6 +6,9 @@ output folder, so the winner can be used with ``xferkit predict`` directly. A he
 is reported with its reason and the others still run. The test set goes through the backbone
 once: a feature head's prediction time is its own, on those features, and the backbone's cost
 per image is stated once beside them (without a cache, a temporary one serves this run).
+Under torchrun every rank runs the same comparison (extraction sharded, pixel heads trained with
+DDP, feature heads fitted on all the features in every rank, as ``repurpose`` does); rank 0 alone
+writes the report, plots, test list and model folders.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import shutil
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from xferkit.api.evaluation import Evaluation, evaluate
 from xferkit.api.fitting import RepurposeResult, repurpose
 from xferkit.api.results import write_json
 from xferkit.backbones import create_backbone
-from xferkit.core.distributed import require_one_process
+from xferkit.core.distributed import DistributedError, is_main, raise_together, world_size
 from xferkit.core.errors import XferkitError
 from xferkit.core.reporting import SILENT, Reporter
 from xferkit.features import Features, extract_features
@@ -111,27 +113,33 @@ def compare(data: str | Path, *, backbone: BackboneOptions | str = BackboneOptio
     ``common_params`` go to every head that takes them (e.g. ``epochs``); ``head_params`` maps
     a head name to options for that head only.
     """
-    require_one_process("compare")
     backbone = BackboneOptions(backbone) if isinstance(backbone, str) else backbone
     output = Path(output)
     heads = list(heads or head_names())
     unknown = sorted({*heads, *(head_params or {})} - set(head_names()))
     if unknown:  # before any work is done; a head that is known but breaks fails in its own row
         raise XferkitError(f"unknown head(s) {', '.join(unknown)}; choose from {', '.join(head_names())}.")
-    check_output_folder(output, force, marker=REPORT, own=None)  # its files are overwritten one by one
-    for name in heads:
-        check_output_folder(output / name, force=True)  # only an older model of this head is replaced
-    splits, test_source = held_out_splits(data, val_split, test_split, seed, output)
-    for note in splits.notes:
-        reporter.note(note)
-    no_cache = options.cache is False
-    with tempfile.TemporaryDirectory(prefix="xferkit-compare-") if no_cache else nullcontext() as tmp:
-        options = replace(options, cache=Path(tmp)) if tmp else options  # features are shared by the heads
+    main = is_main()  # under torchrun rank 0 writes; the others keep their test list in a temporary folder
+    with tempfile.TemporaryDirectory(prefix="xferkit-compare-") as tmp:
+
+        def prepare() -> tuple[Splits, Path]:
+            if main:
+                check_output_folder(output, force, marker=REPORT, own=None)  # its files are replaced singly
+                for name in heads:
+                    check_output_folder(output / name, force=True)  # only an older model of the head goes
+            return held_out_splits(data, val_split, test_split, seed, output if main else Path(tmp))
+
+        splits, test_source = raise_together(prepare)
+        for note in splits.notes:
+            reporter.note(note)
+        if options.cache is False:  # the heads still share the features, for this run only
+            options = replace(options, cache=Path(tmp) / "cache")
         result = _compare_heads(data, backbone, heads, common_params or {}, head_params or {}, splits,
                                 test_source, val_split, seed, learning_curve, calibrate, output, options,
                                 reporter)
-    result.plots = write_plots(result, output)
-    write_json(output / REPORT, result.to_json())
+    if main:
+        result.plots = write_plots(result, output)
+        write_json(output / REPORT, result.to_json())
     return result
 
 
@@ -153,7 +161,11 @@ def _compare_heads(data, backbone: BackboneOptions, heads: list[str], common_par
                      test_features) for name in heads]
     notes = [*splits.notes, *([f"the backbone takes {backbone_ms:.3g} ms per test image (decode and forward "
                                "pass); the feature heads' ms/img time the head alone, on its features"]
-                              if backbone_ms is not None else [])]
+                              if backbone_ms is not None else []),
+             *([f"{world_size()} torchrun processes: the backbone's ms per image and the pixel heads' fit "
+                "and prediction times are wall time of all of them together; each fits and times a "
+                "feature head on all the features, so those times are one process's"]
+               if world_size() > 1 else [])]
     result = Comparison(rows, {"train": len(splits.train), "val": len(splits.val or []),
                                "test": len(splits.test)}, str(test_source), notes,
                         backbone_ms_per_image=backbone_ms)
@@ -167,6 +179,8 @@ def _compare_heads(data, backbone: BackboneOptions, heads: list[str], common_par
 
             try:
                 result.curves[name] = curve_points(splits, seed, test_accuracy, done.get(name))
+            except DistributedError:
+                raise  # a lost rank ends the comparison on every rank
             except Exception as err:  # a failed curve must not lose the table
                 result.notes.append(f"learning curve of {name} failed: {type(err).__name__}: {err}")
     return result
@@ -229,19 +243,27 @@ def run_head(name: str, fit, test_source: Path, folder: Path, options: ExtractOp
     Prediction sets at ``COVERAGE`` are scored where the model holds out enough images for them.
 
     A feature head's prediction is timed on *test_features* (the head alone; the backbone's cost
-    is the comparison's own); a pixel head's on the test images, end to end.
+    is the comparison's own); a pixel head's on the test images, end to end. Under torchrun every
+    rank fits and scores; rank 0 alone saves, and a failed save fails the head on every rank.
     """
-    if (folder / MODEL_MARKER).is_file():
+    main = is_main()
+    if main and (folder / MODEL_MARKER).is_file():
         shutil.rmtree(folder)  # an older model of this head must not outlive a failed fit
+
+    def fit_and_load():
+        fitted = fit(folder if main else None)
+        return fitted, load_model(folder) if main else fitted.model  # rank 0: what `xferkit predict` loads
+
     try:
-        fitted = fit(folder)
-        model = load_model(folder)  # what `xferkit predict` would load
+        fitted, model = raise_together(fit_and_load)
         start = time.perf_counter()
         sets = COVERAGE if _can_cover(model, COVERAGE) else None
         scored = evaluate(model, test_source, options=options, coverage=sets, reporter=reporter)
         seconds, n = time.perf_counter() - start, scored.metrics["n"]
         if model.kind == "features" and test_features is not None and len(test_features.kept):
             seconds, n = head_seconds(model.estimator, test_features.features), len(test_features.kept)
+    except DistributedError:
+        raise  # a lost rank ends the comparison on every rank
     except Exception as err:  # out of memory or a bug in one head must not end the others
         return HeadResult(name, "failed", error=f"{type(err).__name__}: {err}",
                           details=traceback.format_exc(limit=-3))

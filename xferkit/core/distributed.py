@@ -121,6 +121,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def raise_together(step: Callable[[], T]) -> T:
+    """``step()``; where it raised on any rank, every rank raises (its own error, else the first one's).
+
+    For a step that may fail on some ranks only (rank 0's writes, say) before more collectives: the
+    ranks agree on the outcome first, so that none runs on into a collective the others never join.
+    """
+    try:
+        value = step()
+    except DistributedError:
+        raise
+    except Exception as err:
+        all_gather_objects(f"rank {rank()}: {type(err).__name__}: {err}")
+        raise
+    failed = [message for message in all_gather_objects(None) if message]
+    if failed:
+        raise XferkitError(failed[0])
+    return value
+
+
 def shard(n: int) -> range:
     """This rank's contiguous, balanced share of ``range(n)`` (sizes differ by one at most)."""
     size, here = world_size(), rank()

@@ -79,7 +79,10 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "workers": [Interval(Integral, 0, None, closed="left"), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "sync_batchnorm": ["boolean"],
     }
+    #: Parameters added since the saved format began, with the value a model saved before them had.
+    _added_params: ClassVar[dict] = {"sync_batchnorm": False}
 
     # --- what each trainer defines ---------------------------------------------------------------
     @classmethod
@@ -137,7 +140,7 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
         budget = Budget(self.epochs, self.patience, self.max_time, self.label_smoothing)
         history = train_classifier(network, groups, loader, torch.as_tensor(train.labels, dtype=torch.long),
                                    val_batches, val_labels, Normalizer(preprocess, device), budget, progress,
-                                   optimizer_step, epoch_end)
+                                   optimizer_step, epoch_end, self.sync_batchnorm)
         self.classes_, self.backbone_, self.history_ = classes, backbone, history
         self.network_ = network.cpu().eval()
         return self
@@ -214,7 +217,7 @@ class PixelClassifier(ClassifierMixin, BaseEstimator):
             if not issubclass(estimator, cls):
                 raise XferkitError(f"{folder} holds a {name} model, not a {cls.name} one.")
             expect_keys(manifest, ("name", "params", "classes", "classes_dtype", "info"))
-            params = manifest["params"]
+            params = {**estimator._added_params, **manifest["params"]}  # saved before they were added
             expect_keys(params, estimator().get_params(), "params")
             require(all(value.isprintable() for value in params.values() if isinstance(value, str)),
                     "params hold a string with line breaks or control characters")

@@ -73,6 +73,8 @@ class FinetuneClassifier(PixelClassifier):
         Image-decoding worker processes; None picks a number for the device.
     random_state : int or None, default=None
         Seed of the hold-out, the augmentation, the classifier's initialisation and the random freeze.
+    sync_batchnorm : bool, default=False
+        Under torchrun (GPUs), batch norm uses the statistics of the global batch (SyncBatchNorm).
 
     Attributes
     ----------
@@ -103,7 +105,7 @@ class FinetuneClassifier(PixelClassifier):
                  epochs: int = 10, label_smoothing: float = 0.0, random_freeze: float | None = None,
                  max_time: float | None = None, patience: int = 3, validation_fraction: float = 0.1,
                  device: str = "auto", batch_size: int = 64, workers: int | None = None,
-                 random_state: int | None = None):
+                 random_state: int | None = None, sync_batchnorm: bool = False):
         self.backbone = backbone
         self.weights = weights
         self.pretrained = pretrained
@@ -123,6 +125,7 @@ class FinetuneClassifier(PixelClassifier):
         self.batch_size = batch_size
         self.workers = workers
         self.random_state = random_state
+        self.sync_batchnorm = sync_batchnorm
 
     @classmethod
     def search_space(cls, trial) -> dict:

@@ -4,7 +4,8 @@ AdamW (fused) with timm's linear warm-up then cosine decay, stepped every update
 smoothing; early stopping on validation loss in the schedule's second half (best weights
 restored); a time budget; bf16 autocast on CUDA. Under torchrun the network trains data-parallel
 (DistributedDataParallel: each rank's share of the global batch, gradients averaged in backward),
-validation sums are all-reduced, and rank 0's stopping decision and the time budget hold for all ranks.
+validation sums are all-reduced, and rank 0's stopping decision and the time budget hold for all ranks;
+batch norm optionally takes its statistics over the global batch (SyncBatchNorm, on GPUs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from xferkit.core.distributed import all_reduce_sum, broadcast_object, init, world_size
+from xferkit.core.errors import InvalidParameter
 from xferkit.core.reporting import ProgressCallback
 from xferkit.finetune.network import ImageClassifier
 from xferkit.preprocess import Normalizer
@@ -61,18 +63,21 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
                      val: Iterable | None, val_labels: torch.Tensor | None, normalize: Normalizer,
                      budget: Budget, progress: ProgressCallback | None = None,
                      optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
-                     epoch_end: EpochEnd | None = None) -> dict:
+                     epoch_end: EpochEnd | None = None, sync_batchnorm: bool = False) -> dict:
     """Train *network* in place; with validation data, keep the epoch of lowest validation loss.
 
     ``progress(done, total, info)`` hears of every step (in batches); ``optimizer_step`` replaces
     ``optimizer.step()`` (random freeze masks gradients there); ``epoch_end(epoch, val_loss)`` hears
     every validated epoch and stops training by returning True (tuning prunes a poor trial so).
+    ``sync_batchnorm``: under torchrun, batch norm normalises with the statistics of the global batch.
     Returns the history as a JSON-able dict.
     """
     device = normalize.device
     optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
     model = network
     if init():  # under torchrun: gradients averaged over the ranks' batches during backward
+        if sync_batchnorm:
+            synchronise_batchnorm(network, device)
         model = DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
     step = optimizer_step or (lambda opt: opt.step())
     total = budget.epochs * len(train)
@@ -131,6 +136,19 @@ def train_classifier(network: ImageClassifier, groups: list[dict], train: DataLo
                    batch_size=train.batch_size * world_size(),  # the global batch
                    seconds=round(seconds, 3), seconds_per_epoch=round(seconds / epoch, 3))
     return history
+
+
+def synchronise_batchnorm(network: nn.Module, device: torch.device) -> None:
+    """Batch norm layers to SyncBatchNorm, in place: the same parameters, so the optimiser still holds them.
+
+    torch's SyncBatchNorm runs on GPUs only (on the CPU it raises in its first training step), so a
+    CPU run is refused here, before any step. In eval mode it is plain batch norm.
+    """
+    if device.type != "cuda":
+        raise InvalidParameter("sync_batchnorm=True needs GPUs: torch's SyncBatchNorm does not run on the "
+                               "CPU (gloo). Train without it there: each rank's batch norm then uses its "
+                               "own share of the batch (keep that at 16 images or more).")
+    nn.SyncBatchNorm.convert_sync_batchnorm(network)
 
 
 @torch.no_grad()

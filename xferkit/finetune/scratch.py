@@ -54,6 +54,8 @@ class ScratchClassifier(PixelClassifier):
         Image-decoding worker processes; None picks a number for the device.
     random_state : int or None, default=None
         Seed of the hold-out, the augmentation, the initialisation and the dropout.
+    sync_batchnorm : bool, default=False
+        Under torchrun (GPUs), batch norm uses the statistics of the global batch (SyncBatchNorm).
 
     Attributes
     ----------
@@ -78,7 +80,7 @@ class ScratchClassifier(PixelClassifier):
                  lr: float = 3e-3, weight_decay: float = 0.05, epochs: int = 30, dropout: float = 0.2,
                  label_smoothing: float = 0.0, max_time: float | None = None, patience: int = 5,
                  validation_fraction: float = 0.1, device: str = "auto", batch_size: int = 64,
-                 workers: int | None = None, random_state: int | None = None):
+                 workers: int | None = None, random_state: int | None = None, sync_batchnorm: bool = False):
         self.backbone = backbone
         self.arch = arch
         self.image_size = image_size
@@ -94,6 +96,7 @@ class ScratchClassifier(PixelClassifier):
         self.batch_size = batch_size
         self.workers = workers
         self.random_state = random_state
+        self.sync_batchnorm = sync_batchnorm
 
     @classmethod
     def search_space(cls, trial) -> dict:

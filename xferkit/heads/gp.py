@@ -52,6 +52,9 @@ EXACT_MAX_N = 2000
 PREDICT_SAMPLES = 256
 #: SVGP minibatch size; also the chunk size for prediction.
 BATCH_SIZE = 256
+#: Rows (at least 8 per inducing point) of a seeded sample that k-means places the inducing points on:
+#: on all of 50 000 x 512 it took 4x as long for a 2 % lower within-cluster distance over all rows.
+KMEANS_ROWS = 16384
 #: The prefix of the SVGP's inducing points and variational parameters in its state dict.
 SVGP_STATE = "model.variational_strategy.base_variational_strategy."
 #: SVGP training stops once the mean epoch loss of the last WINDOW epochs is within this relative
@@ -75,7 +78,7 @@ class GPHead(FeatureHead):
     method : {"auto", "exact", "svgp"}, default="auto"
         Exact Dirichlet GP or sparse variational GP; auto is exact up to 2000 training examples.
     inducing : int, default=256
-        Inducing points of the SVGP (k-means centres of the training features), at most n.
+        Inducing points of the SVGP (k-means centres of a sample of the training features), at most n.
     dim : int or None, default=None
         Whitened principal directions to project the features onto first; None keeps them all.
     ard : bool, default=False
@@ -203,7 +206,11 @@ class GPHead(FeatureHead):
         return torch.from_numpy(Z).to(self.device_)
 
     def _kmeans(self, Z: torch.Tensor) -> torch.Tensor:
-        km = KMeans(self.inducing, n_init=1, random_state=self.seed_).fit(Z.cpu().numpy())
+        """The inducing points: k-means centres of a seeded sample of ``KMEANS_ROWS`` rows (all, if fewer)."""
+        rows = min(len(Z), max(KMEANS_ROWS, 8 * self.inducing))
+        sample = np.sort(np.random.default_rng(self.seed_).choice(len(Z), rows, replace=False))
+        points = Z[torch.from_numpy(sample).to(Z.device)].cpu().numpy()
+        km = KMeans(self.inducing, n_init=1, random_state=self.seed_).fit(points)
         return torch.from_numpy(km.cluster_centers_).float()
 
     # --- models ----------------------------------------------------------------------------------
