@@ -1,14 +1,16 @@
 """Pruned against unpruned tuning: best validation NLL and epochs trained, same seed and trial count.
 
-    python benchmarks/tune_pruning.py [--parts toy bnn] [--trials 20] [--pruners halving hyperband]
-        [--data sample_data] [--backbone tv:mobilenet_v2] [--image-size 64] [--epochs 200]
+    python benchmarks/tune_pruning.py [--parts toy bnn finetune scratch] [--trials 20] [--seeds 0 1 2]
+        [--arms none/gp halving/gp hyperband/gp hyperband/tpe] [--data sample_data]
+        [--backbone tv:mobilenet_v2] [--no-pretrained] [--image-size 64] [--epochs 200] [--pixel-epochs 9]
         [--json runs/tune_pruning.json]
 
 ``toy``: learning curves whose ranking changes as they converge (the configurations that end best
-learn slowest), with noise, searched by the same GP sampler as ``xferkit tune``. ``bnn``:
-``xferkit tune --head bnn`` on DATA's features (extracted once, then cached). Each is run without
-a pruner, with successive halving and with Hyperband (the epoch as the resource); the ratios are
-pruned / unpruned epochs and the pruned best NLL minus the unpruned one.
+learn slowest), with noise. ``bnn``, ``finetune``, ``scratch``: ``xferkit tune --head HEAD`` on DATA
+(bnn on features, extracted once, then cached). Each arm is a pruner (``none``, ``halving``,
+``hyperband``; the epoch as the resource) and a sampler (``gp``, ``tpe``); the first arm is the
+reference (``none/gp``: ``tune --no-prune``). Per seed, each arm's epochs over the reference's and its
+best NLL minus the reference's; the target is a ratio <= 0.5 and a difference <= 0.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xferkit.api.tuning import (
-    PRUNERS,
     TrialRecord,
     best_record,
     epoch_pruner,
@@ -33,7 +35,7 @@ from xferkit.api.tuning import (
     trial_records,
     tune,
 )
-from xferkit.model.options import BackboneOptions
+from xferkit.model.options import BackboneOptions, ExtractOptions
 
 #: Epochs of the toy learning curves (rungs of the pruners at 3, 9 and 27).
 TOY_EPOCHS = 81
@@ -56,17 +58,35 @@ def toy_curve(params: dict, epoch_end) -> tuple[float, float]:
     return value, 0.0
 
 
-def toy_run(folder: Path, pruner: str | None, trials: int, seed: int) -> list[TrialRecord]:
+def toy_run(folder: Path, arm: Arm, trials: int, seed: int) -> list[TrialRecord]:
     study = open_study(folder, {"toy": "curves"}, seed, startup_trials(trials),
-                       epoch_pruner(pruner, TOY_EPOCHS) if pruner else None)
+                       epoch_pruner(arm.pruner, TOY_EPOCHS) if arm.pruner else None, arm.sampler)
     run_trials(study, toy_curve, toy_space, trials)
     return trial_records(study)
 
 
-def bnn_run(folder: Path, pruner: str | None, args) -> list[TrialRecord]:
-    return tune(args.data, backbone=BackboneOptions(args.backbone, image_size=args.image_size), head="bnn",
-                output=folder, trials=args.trials, head_params={"epochs": args.epochs}, seed=args.seed,
-                pruner=pruner).trials
+def head_run(folder: Path, arm: Arm, head: str, seed: int, args) -> list[TrialRecord]:
+    """``xferkit tune --head HEAD`` on DATA (a pixel trainer runs ``--pixel-epochs``, bnn ``--epochs``)."""
+    epochs = args.epochs if head == "bnn" else args.pixel_epochs
+    backbone = BackboneOptions(args.backbone, pretrained=args.pretrained, image_size=args.image_size)
+    return tune(args.data, backbone=backbone, head=head, output=folder, trials=args.trials,
+                head_params={"epochs": epochs}, seed=seed, pruner=arm.pruner, sampler=arm.sampler,
+                options=ExtractOptions(workers=0)).trials
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A way to tune, ``PRUNER/SAMPLER``: a pruner (``none``: none) and a sampler of ``SAMPLERS``."""
+
+    name: str
+
+    @property
+    def pruner(self) -> str | None:
+        return None if self.name.split("/")[0] == "none" else self.name.split("/")[0]
+
+    @property
+    def sampler(self) -> str:
+        return self.name.split("/")[1]
 
 
 def summary(records: list[TrialRecord], seconds: float) -> dict:
@@ -77,48 +97,64 @@ def summary(records: list[TrialRecord], seconds: float) -> dict:
             "seconds": round(seconds, 1)}
 
 
-def compare(run, trials_name: str, pruners: list[str]) -> dict:
-    """*run(folder, pruner)* without a pruner and with each of *pruners*; ratios against no pruner."""
-    arms = {}
-    for pruner in (None, *pruners):
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            arms[pruner or "none"] = summary(run(Path(tmp) / "tune", pruner), time.perf_counter() - start)
-        print(f"{trials_name:>4} {pruner or 'none':>9}: {json.dumps(arms[pruner or 'none'])}", flush=True)
-    base = arms["none"]
-    for pruner in pruners:
-        arm = arms[pruner]
-        arm["epochs_ratio"] = round(arm["epochs"] / base["epochs"], 3)
-        arm["best_nll_minus_unpruned"] = round(arm["best_val_nll"] - base["best_val_nll"], 4)
-        print(f"{trials_name:>4} {pruner:>9}: epochs {arm['epochs']}/{base['epochs']} = "
-              f"{arm['epochs_ratio']:.2f}, best val NLL {arm['best_val_nll']:.4f} vs "
-              f"{base['best_val_nll']:.4f} ({arm['best_nll_minus_unpruned']:+.4f})")
-    return arms
+def compare(run, part: str, arms: list[Arm], seeds: list[int]) -> dict:
+    """*run(folder, arm, seed)* for each seed and arm; ratios against the first arm (the reference)."""
+    results = {}
+    for seed in seeds:
+        rows = results[str(seed)] = {}
+        for arm in arms:
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                rows[arm.name] = summary(run(Path(tmp) / "tune", arm, seed), time.perf_counter() - start)
+            base, row = rows[arms[0].name], rows[arm.name]
+            row["epochs_ratio"] = round(row["epochs"] / base["epochs"], 3)
+            row["best_nll_minus_reference"] = round(row["best_val_nll"] - base["best_val_nll"], 4)
+            row["meets_target"] = row["epochs_ratio"] <= 0.5 and row["best_nll_minus_reference"] <= 0
+            print(f"{part} seed {seed} {arm.name:>20}: {json.dumps(row)}", flush=True)
+    print(f"| {part} | seed | arm | best val NLL | minus ref. | epochs | ratio | trials (pruned) | target |")
+    for seed, rows in results.items():
+        for name, row in rows.items():
+            target = "reference" if name == arms[0].name else "met" if row["meets_target"] else "missed"
+            print(f"| {part} | {seed} | {name} | {row['best_val_nll']:.4f} "
+                  f"| {row['best_nll_minus_reference']:+.4f} | {row['epochs']} | {row['epochs_ratio']:.2f} "
+                  f"| {row['trials']} ({row['pruned']}) | {target} |")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("toy", "bnn"), default=["toy", "bnn"])
+    parser.add_argument("--parts", nargs="+", choices=("toy", "bnn", "finetune", "scratch"),
+                        default=["toy", "bnn"])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--data", default="sample_data")
     parser.add_argument("--backbone", default="tv:mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                        help="random backbone weights (a tiny test backbone has none to load)")
     parser.add_argument("--epochs", type=int, default=200, help="bnn's epochs (the pruners' full resource)")
-    parser.add_argument("--pruners", nargs="+", choices=PRUNERS, default=list(PRUNERS))
+    parser.add_argument("--pixel-epochs", type=int, default=9, help="finetune's and scratch's epochs")
+    parser.add_argument("--arms", nargs="+", type=Arm, default=[Arm(a) for a in ARMS],
+                        help="PRUNER/SAMPLER; the first is the reference")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = {"trials": args.trials, "seed": args.seed, "bnn_epochs": args.epochs}
+    result = {"trials": args.trials, "seeds": args.seeds, "bnn_epochs": args.epochs,
+              "pixel_epochs": args.pixel_epochs,
+              "arms": [a.name for a in args.arms]}
     if "toy" in args.parts:
-        result["toy"] = compare(lambda folder, pruner: toy_run(folder, pruner, args.trials, args.seed), "toy",
-                                args.pruners)
-    if "bnn" in args.parts:
-        result["bnn"] = compare(lambda folder, pruner: bnn_run(folder, pruner, args), "bnn", args.pruners)
+        result["toy"] = compare(lambda folder, arm, seed: toy_run(folder, arm, args.trials, seed), "toy",
+                                args.arms, args.seeds)
+    for head in set(args.parts) & {"bnn", "finetune", "scratch"}:
+        result[head] = compare(lambda folder, arm, seed, head=head: head_run(folder, arm, head, seed, args),
+                               head, args.arms, args.seeds)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return result
 
+
+#: The reference (how ``tune --no-prune`` runs) and the pruned ways to tune that are compared with it.
+ARMS = ("none/gp", "halving/gp", "hyperband/gp", "hyperband/tpe")
 
 if __name__ == "__main__":
     main()

@@ -5,16 +5,25 @@ import csv
 import json
 
 import numpy as np
+import optuna
 import pytest
 from conftest import TINY_BACKBONE, run_cli, write_image_folder
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from xferkit.api import ExtractOptions, predict
 from xferkit.api.tuning import (
+    JOURNAL,
+    PRUNER,
+    STUDY,
     TrialRecord,
     best_record,
     epoch_pruner,
+    epochs_note,
     open_study,
     run_trials,
+    startup_trials,
     trial_records,
     trials_csv,
 )
@@ -133,6 +142,40 @@ def test_pruned_tuning_runs_fewer_epochs_and_records_pruned_trials(tmp_path):
     assert (best.number, best.val_nll) == (best_record(full).number, best_record(full).val_nll)
     rows = list(csv.DictReader(trials_csv(pruned).splitlines()))
     assert [(row["state"], int(row["epochs"])) for row in rows] == [(r.state, r.epochs) for r in pruned]
+    ran = sum(r.epochs for r in pruned)
+    assert epochs_note(pruned, EPOCHS, "gp") == (f"{len(stopped)} of 12 trials pruned (the gp sampler "
+                                                 f"learned each where it stopped); the trials trained {ran} "
+                                                 f"epochs, {ran / 108:.0%} of 12 x 9")
+
+
+#: How much higher pruned tuning's best toy NLL may end than unpruned tuning's (the toy's NLL spans
+#: 0.33 to 72; a GP blind to pruned trials ended 1.4 higher, a random search).
+TOLERANCE = 0.05
+
+
+@pytest.mark.slow  # two GP searches of 12 trials: 5.5 s
+def test_pruned_tuning_runs_fewer_epochs_and_keeps_the_best_nll(tmp_path):
+    """``tune``'s pruner, the GP learning where pruned trials stopped, against the unpruned GP (same seed)."""
+    def run(folder, pruner):
+        study = open_study(folder, {"toy": "curve"}, seed=0, n_startup=startup_trials(12), pruner=pruner)
+        run_trials(study, learning_curve, space, 12)
+        return study, trial_records(study)
+
+    _, full = run(tmp_path / "full", None)
+    study, pruned = run(tmp_path / "pruned", epoch_pruner(PRUNER, EPOCHS))
+    assert isinstance(study.sampler, optuna.samplers.GPSampler)
+    stopped = [t for t in study.trials if t.user_attrs["pruned"]]
+    assert stopped and all(t.state == TrialState.COMPLETE for t in stopped)  # so the GP learns from them
+    assert sum(r.epochs for r in pruned) <= 0.75 * sum(r.epochs for r in full)
+    assert best_record(pruned).val_nll <= best_record(full).val_nll + TOLERANCE
+
+
+def test_a_resumed_study_keeps_its_sampler(tmp_path):
+    assert isinstance(open_study(tmp_path, {"toy": "tpe"}, sampler="tpe").sampler, optuna.samplers.TPESampler)
+    assert isinstance(open_study(tmp_path, {"toy": "tpe"}).sampler, optuna.samplers.TPESampler)
+    with pytest.raises(XferkitError, match="unknown sampler"):
+        open_study(tmp_path / "new", {"toy": "x"}, sampler="cmaes")
+    assert open_study(tmp_path / "new", {"toy": "x"}).user_attrs["sampler"] == "gp"  # refused: unrecorded
 
 
 def test_hyperband_prunes_too(tmp_path):
@@ -186,3 +229,8 @@ def test_tune_cli_records_each_trials_epochs_and_resumes_with_the_pruner(tmp_pat
         rows = list(csv.DictReader(f))
     assert [(r["state"], int(r["epochs"])) for r in rows] == [(t["state"], t["epochs"])
                                                              for t in resumed["trials"]]
+    journal = JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+    study = optuna.load_study(study_name=STUDY, storage=journal)
+    assert study.user_attrs["sampler"] == "gp"  # it learns from every trial, a pruned one where it stopped
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.value for t in study.trials] == [t["val_nll"] for t in resumed["trials"]]

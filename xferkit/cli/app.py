@@ -354,7 +354,8 @@ def tune(
                                                 "runs/tune-HEAD).")] = None,
     prune: Annotated[bool, typer.Option("--prune/--no-prune", metavar="", help="Stop trials whose validation "
                                         "NLL trails the others' at the same epoch (Hyperband; heads "
-                                        "that train by epochs: bnn, finetune, scratch).")] = True,
+                                        "that train by epochs: bnn, finetune, scratch); the GP learns "
+                                        "from a stopped trial the NLL it stopped at.")] = True,
     backbone: Backbone = BACKBONE.name, settings: Settings = None,
     val_split: ValSplit = SPLIT.val_split, seed: Seed = SPLIT.seed, calibrate: Calibrate = True,
     weights: Weights = None, pretrained: Pretrained = True, layer: Layer = None,
