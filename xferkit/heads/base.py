@@ -61,6 +61,15 @@ class ArraySpec:
     finite: bool = True
 
 
+def column_moments(X: np.ndarray, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation in float64, a chunk of rows at a time (two passes): no
+    float64 copy of the whole matrix, which at 10^6 x 512 features would be 4 GB."""
+    chunks = [X[i:i + chunk_rows] for i in range(0, len(X), chunk_rows)]
+    mean = sum(c.sum(axis=0, dtype=np.float64) for c in chunks) / len(X)
+    variance = sum(np.square(c - mean).sum(axis=0) for c in chunks) / len(X)
+    return mean, np.sqrt(variance)
+
+
 class FeatureHead(ClassifierMixin, BaseEstimator):
     """A classifier on backbone features: ``fit(X, y)``, ``predict_proba(X)``, ``save``/``load``.
 
@@ -85,8 +94,7 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"y has one class ({self.classes_[0]!r}); a classifier needs at least two.")
-        self.mean_ = X.mean(axis=0, dtype=np.float64)
-        std = X.std(axis=0, dtype=np.float64)
+        self.mean_, std = column_moments(X)
         constant = std <= CONSTANT_STD * np.abs(self.mean_) + np.finfo(np.float64).tiny
         self.scale_ = np.where(constant, 1.0, std)
         self._fit(X, y_index, progress or _ignore_progress)
