@@ -16,7 +16,7 @@ from timm.data import create_transform
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from xferkit.io.images import load_rgb, read_jpeg
+from xferkit.io.images import centre_box, load_rgb, read_jpeg, resized_size
 from xferkit.io.jpeg_cpu import decode_scaled
 from xferkit.io.jpeg_device import by_budget
 
@@ -83,16 +83,12 @@ def resized_centre(img: Image.Image, preprocess: Preprocess) -> Image.Image:
     cropping it, without ever holding the whole resized image: a 20000x1 strip would otherwise
     become 5 billion pixels long before the crop kept 224 of them.
     """
-    w, h = img.size
     size, (crop_h, crop_w) = preprocess.resize_size, preprocess.input_size
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    new_w, new_h = resized_size(img.size, size)
     resample = TF.pil_modes_mapping[InterpolationMode(preprocess.interpolation)]
     if crop_h > new_h or crop_w > new_w:  # the crop pads: the plain two steps
         return TF.center_crop(img.resize((new_w, new_h), resample), [crop_h, crop_w])
-    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-    sx, sy = w / new_w, h / new_h
-    box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-    return img.resize((crop_w, crop_h), resample, box=box)
+    return img.resize((crop_w, crop_h), resample, box=centre_box(img.size, size, preprocess.input_size))
 
 
 def resize_crop(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -102,8 +98,7 @@ def resize_crop(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     ``TF.resize``); on a GPU, which has no uint8 antialiased kernel, it is float.
     """
     h, w = images.shape[-2:]
-    size = preprocess.resize_size
-    new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    new_w, new_h = resized_size((w, h), preprocess.resize_size)
     x = images if images.device.type == "cpu" else images.float()
     x = F.interpolate(x, size=(new_h, new_w), mode=preprocess.interpolation, antialias=True)
     x = TF.center_crop(x, list(preprocess.input_size))

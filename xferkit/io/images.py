@@ -96,3 +96,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
+
+
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """``(width, height)`` once the shorter side of *size* is resized to *shorter*, rounded as torchvision."""
+    w, h = size
+    return (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
+
+
+def centre_box(size: tuple[int, int], resize_size: int, crop: tuple[int, int]
+               ) -> tuple[float, float, float, float]:
+    """``(left, top, right, bottom)`` in source pixels of torchvision's ``center_crop(resize(img))``:
+    resampling this box alone to the crop's size gives the crop's pixels."""
+    (w, h), (crop_h, crop_w) = size, crop
+    new_w, new_h = resized_size(size, resize_size)
+    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+    sx, sy = w / new_w, h / new_h
+    return left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from xferkit.core.errors import XferkitError
+from xferkit.io.images import centre_box
 from xferkit.io.jpeg_device import DECODE_PIXELS, JpegBatch, by_budget
 
 #: Preprocess interpolations and the DALI interpolation type that matches each (antialiased).
@@ -50,19 +51,6 @@ def dali_supports(resize_size: int, crop: tuple[int, int], interpolation: str) -
 def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """``(width, height)`` once the EXIF *orientation* is applied (5-8 swap the sides)."""
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
-
-
-def centre_box(size: tuple[int, int], resize_size: int, crop: tuple[int, int]
-               ) -> tuple[float, float, float, float]:
-    """``(left, top, right, bottom)`` in source pixels of torchvision's ``center_crop(resize(img))``.
-
-    The same box ``preprocess.resized_centre`` hands PIL: resampling it alone gives the crop's pixels.
-    """
-    (w, h), (crop_h, crop_w), size = size, crop, resize_size
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-    sx, sy = w / new_w, h / new_h
-    return left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy
 
 
 class DaliDecoder:
