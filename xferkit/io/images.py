@@ -36,7 +36,11 @@ def read_jpeg(path: str | Path) -> JpegFile | None:
     try:
         if not Path(path).is_file():
             return None
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:  # every JPEG starts so: other files are not read past two bytes
+            data = f.read(2)
+            if data != b"\xff\xd8":
+                return None
+            data += f.read()
         with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if (img.format != "JPEG" or img.mode != "RGB" or "progression" in img.info
