@@ -66,8 +66,9 @@ class BayesianLinear(nn.Module):
 
 
 def _reparameterise(mu: torch.Tensor, rho: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """w = mu + sigma * eps: a sample of q(w) through which gradients reach mu and rho."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+    """w = mu + sigma * eps: a sample of q(w) through which gradients reach mu and rho (eps drawn where
+    *generator* lives)."""
+    eps = torch.randn(mu.shape, generator=generator, device=generator.device).to(mu.device)
     return mu + F.softplus(rho) * eps
 
 
@@ -241,8 +242,12 @@ class BNNHead(FeatureHead):
         return torch.stack(samples).cpu().numpy()
 
     def weight_samples(self) -> list[Weights]:
-        """The ``mc_samples`` weight draws every prediction averages over (seeded: the same each time)."""
-        generator = torch.Generator(self.device_).manual_seed(self.seed_)
+        """The ``mc_samples`` weight draws every prediction averages over (seeded: the same each time).
+
+        Drawn by a CPU generator whatever the device, so a saved model predicts the same on a GPU
+        machine as on a CPU one (CUDA's generator gives other numbers for the same seed).
+        """
+        generator = torch.Generator().manual_seed(self.seed_)
         with torch.no_grad():
             return [self.net_.sample(generator) for _ in range(self.mc_samples)]
 
