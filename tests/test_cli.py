@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import TINY_BACKBONE, run_cli, write_image_folder
 from safetensors.numpy import load_file
 
@@ -133,6 +134,8 @@ def _one_class(tmp_path):
     ("bad_option", "does not take --epochs"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(image_folder, tmp_path, case, message):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     args = {
         "unknown_backbone": ["repurpose", image_folder, "--backbone", "resnet_99", "--no-pretrained"],
         "missing_path": ["repurpose", tmp_path / "nowhere", *TINY],

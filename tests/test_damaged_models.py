@@ -408,4 +408,5 @@ def test_every_array_of_a_gp_or_bnn_head_is_checked(head, tmp_path):
             with pytest.raises(XferkitError, match=rf"{ARRAYS}: .*({re.escape(key)}|train_inputs).*damaged"):
                 FeatureHead.load(folder)
     save_file(saved, folder / ARRAYS)
-    np.testing.assert_array_equal(FeatureHead.load(folder).predict_proba(X), fitted.predict_proba(X))
+    # equal on a CPU; CUDA's reductions may differ in the last bits (seen: 9e-15 relative on an H200)
+    np.testing.assert_allclose(FeatureHead.load(folder).predict_proba(X), fitted.predict_proba(X), rtol=1e-10)

@@ -123,7 +123,7 @@ def _extract_in_process(args):
     paths = sorted(folder.rglob("*.png"))
     rng = np.random.default_rng(seed)
     for part in np.array_split(rng.permutation(len(paths)), 6):  # many small stores, interleaved
-        extract_features(net, [paths[i] for i in part], batch_size=8, workers=0, cache=cache)
+        extract_features(net, [paths[i] for i in part], device="cpu", batch_size=8, workers=0, cache=cache)
 
 
 def test_two_processes_extracting_into_one_cache_lose_nothing(backbone, tmp_path):
@@ -138,7 +138,7 @@ def test_two_processes_extracting_into_one_cache_lose_nothing(backbone, tmp_path
     found = store.lookup(content_keys(paths))
     assert len(found) == len(paths) == 120
     calls = _count_forward_calls(backbone)
-    assert extract_features(backbone, paths, cache=cache).from_cache == 120 and sum(calls) == 0
+    assert extract_features(backbone, paths, device="cpu", cache=cache).from_cache == 120 and sum(calls) == 0
 
 
 def test_extraction_runs_within_the_thread_budget(backbone, image_folder, monkeypatch):

@@ -15,8 +15,8 @@ from xferkit.backbones import create_backbone
 from xferkit.core.errors import XferkitError
 from xferkit.features import extract_features
 from xferkit.io.images import load_rgb, read_jpeg
-from xferkit.io.jpeg_device import orient
-from xferkit.preprocess import resize_crop, resized_centre
+from xferkit.io.jpeg_device import JpegBatch, decode_oriented, orient
+from xferkit.preprocess import image_to_tensor, resize_crop, resize_decoded, resized_centre
 
 
 def _photo(path, size=(90, 60), orientation=1, seed=0, **save):
@@ -77,8 +77,9 @@ def _compare_decoders(paths, device: str):
     on_device = extract_features(backbone, paths, decode="device", **options)
     np.testing.assert_array_equal(workers.kept, on_device.kept)
     assert [p for p, _ in workers.skipped] == [p for p, _ in on_device.skipped]
-    scale = np.abs(workers.features).mean()
-    assert np.abs(workers.features - on_device.features).max() < 0.05 * scale
+    if device == "cpu":  # float32 features; on CUDA the backbone runs in bf16 (pixels compared below)
+        scale = np.abs(workers.features).mean()
+        assert np.abs(workers.features - on_device.features).max() < 0.05 * scale
     return workers
 
 
@@ -91,6 +92,28 @@ def test_unknown_decode_is_an_error(image_folder):
     backbone = create_backbone(TINY_BACKBONE, pretrained=False)
     with pytest.raises(XferkitError, match="unknown decode"):
         extract_features(backbone, sorted(image_folder.rglob("*.png")), decode="gpu", cache=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_pixels_match_the_workers(tmp_path, device):
+    """The device decoder's resized pixels against the workers' (libjpeg-turbo, DCT-scaled where it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    preprocess = create_backbone("resnet18", pretrained=False).preprocess
+    shapes = [((500, 375), 1), ((375, 500), 6), ((1200, 900), 8), ((640, 480), 3)]
+    paths = [_photo(tmp_path / f"{i}.jpg", size, o, seed=i) for i, (size, o) in enumerate(shapes)]
+    jpegs = JpegBatch.of([read_jpeg(p) for p in paths])
+    decoded = [pair for part in decode_oriented(jpegs, torch.device(device)) for pair in part]
+    assert [i for i, _ in decoded] == [0, 1, 2, 3]
+    for i, image in decoded:
+        _, pixels = resize_decoded([(i, image)], preprocess)
+        ours = pixels[0].cpu().float()
+        theirs = image_to_tensor(paths[i], preprocess).float()
+        assert ours.shape == theirs.shape
+        # of 255 (3.0 at most on a CPU): the workers decode DCT-scaled where they can (1200x900 at 1/2),
+        # the device decoder whole; nvJPEG adds its own rounding (about 1)
+        assert (ours - theirs).abs().mean() < 6.0, (paths[i].name, float((ours - theirs).abs().mean()))
+        assert (ours - theirs.flip(-1)).abs().mean() > 30  # a mirrored image would be caught
 
 
 @pytest.mark.gpu

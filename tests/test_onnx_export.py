@@ -21,7 +21,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 TINY = BackboneOptions(TINY_BACKBONE, pretrained=False, image_size=32)
-QUIET = ExtractOptions(batch_size=8, workers=0, cache=False)
+# on the CPU: ONNX graphs compute in float32, and on CUDA xferkit's backbone runs in bf16
+QUIET = ExtractOptions(device="cpu", batch_size=8, workers=0, cache=False)
 #: Model name -> (head, hyper-parameters); few epochs: the heads need not be good, only exported faithfully.
 MODELS = {"lr": ("lr", {}), "bnn": ("bnn", {"epochs": 5}), "gp": ("gp", {"epochs": 5}),
           "gp-svgp": ("gp", {"method": "svgp", "inducing": 8, "epochs": 5}),
