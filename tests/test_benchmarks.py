@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_BACKBONE
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -121,3 +122,26 @@ def test_a_decoder_that_cannot_load_is_reported_not_fatal(bench, tmp_path, monke
     assert results["pil draft"]["max_mean_abs_diff"] == 0
     assert results["xferkit (simplejpeg, torch resize)"]["max_mean_abs_diff"] < 1
     assert results["pil full"]["cpu_ms_per_image"] > 0
+
+
+def test_finetune_benchmark_times_epochs_and_the_ceiling(bench, tmp_path, capsys):
+    speed = bench("finetune_speed")
+    result = speed.main(["--backbone", TINY_BACKBONE, "--images", "16", "--epochs", "2", "--batch-size", "8",
+                         "--workers", "0", "--ceiling-steps", "2", "--device", "cpu", "--image-size", "32",
+                         "--data", str(tmp_path / "jpegs"), "--json", str(tmp_path / "ft.json")])
+    assert len(result["epoch_images_per_s"]) == 2 and all(r > 0 for r in result["epoch_images_per_s"])
+    assert result["training_images_per_s"] == result["epoch_images_per_s"][1]
+    assert result["training_over_ceiling"] == pytest.approx(
+        result["training_images_per_s"] / result["ceiling_images_per_s"], rel=0.01)
+    assert json.loads((tmp_path / "ft.json").read_text()) == result
+    assert "xferkit / ceiling" in capsys.readouterr().out
+
+
+def test_decode_limits_time_each_decoder_without_the_backbone(bench, tmp_path):
+    extract = bench("extract")
+    from xferkit.backbones import create_backbone
+
+    paths = extract.make_images(tmp_path, 4, ((64, 48), (48, 64)))
+    limits = extract.decode_limits(create_backbone(TINY_BACKBONE, pretrained=False), paths,
+                                   torch.device("cpu"), 2, 0)
+    assert {"workers", "device"} <= set(limits) and all(rate > 0 for rate in limits.values())
