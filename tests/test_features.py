@@ -134,7 +134,7 @@ def test_two_processes_extracting_into_one_cache_lose_nothing(backbone, tmp_path
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_extract_in_process, [(folder, cache, 1), (folder, cache, 2)])
     paths = sorted(folder.rglob("*.png"))
-    store = FeatureCache(cache, extractor_key(backbone, torch.device("cpu"), False), backbone.num_features)
+    store = FeatureCache(cache, extractor_key(backbone, torch.device("cpu"), "cpu"), backbone.num_features)
     found = store.lookup(content_keys(paths))
     assert len(found) == len(paths) == 120
     calls = _count_forward_calls(backbone)
@@ -166,10 +166,10 @@ def test_auto_decode_falls_back_to_the_workers_without_a_device_decoder(backbone
         assert not jpeg_device.gpu_decode_available(torch.device("cpu"))
         cuda = torch.device("cuda")  # never touched: the check is patched, the choice is what is tested
         monkeypatch.setattr(extract_module, "gpu_decode_available", lambda device: False)
-        assert extract_module._decode_on_device("auto", cuda, backbone.preprocess) is False
+        assert extract_module._jpegs_on_device("auto", cuda, backbone.preprocess) == "cpu"
         with pytest.raises(XferkitError, match="decode='workers'"):
-            extract_module._decode_on_device("device", cuda, backbone.preprocess)
+            extract_module._jpegs_on_device("device", cuda, backbone.preprocess)
         monkeypatch.setattr(extract_module, "gpu_decode_available", lambda device: True)
-        assert extract_module._decode_on_device("auto", cuda, backbone.preprocess) is True
+        assert extract_module._jpegs_on_device("auto", cuda, backbone.preprocess) == "mixed"
     finally:
         jpeg_device.gpu_decode_available.cache_clear()

@@ -13,7 +13,9 @@ from torchvision.transforms import functional as TF
 
 from xferkit.backbones import create_backbone
 from xferkit.core.errors import XferkitError
+from xferkit.features import extract as extract_module
 from xferkit.features import extract_features
+from xferkit.features.loader import ExtractionItems
 from xferkit.io.images import load_rgb, read_jpeg
 from xferkit.io.jpeg_device import JpegBatch, decode_oriented, orient
 from xferkit.preprocess import image_to_tensor, resize_crop, resize_decoded, resized_centre
@@ -121,3 +123,25 @@ def test_nvjpeg_decoding_matches_the_workers(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _compare_decoders(_mixed_folder(tmp_path), "cuda")
+
+
+def test_mixed_leaves_only_full_size_jpegs_to_the_device(tmp_path):
+    preprocess = create_backbone("resnet18", pretrained=False).preprocess  # shorter side to 256
+    paths = [_photo(tmp_path / f"{name}.jpg", size=size) for name, size in (("small", (500, 375)),
+                                                                             ("large", (1200, 900)))]
+    for jpegs, left in (("mixed", ["small.jpg"]), ("device", ["small.jpg", "large.jpg"]), ("cpu", [])):
+        items = [ExtractionItems(paths, preprocess, jpegs)[i] for i in range(2)]
+        assert [paths[i].name for i, _, _, jpeg in items if jpeg is not None] == left
+        assert all(image is not None for _, image, _, jpeg in items if jpeg is None)  # decoded by the worker
+
+
+@pytest.mark.parametrize(("decode", "device", "nvjpeg", "expected"), [
+    ("auto", "cuda", True, "mixed"), ("auto", "cuda", False, "cpu"), ("auto", "cpu", True, "cpu"),
+    ("device", "cuda", True, "device"), ("device", "cpu", True, "device"), ("workers", "cuda", True, "cpu")])
+def test_where_jpegs_decode(monkeypatch, decode, device, nvjpeg, expected):
+    monkeypatch.setattr(extract_module, "gpu_decode_available", lambda device: nvjpeg)
+    preprocess = create_backbone(TINY_BACKBONE, pretrained=False).preprocess
+    assert extract_module._jpegs_on_device(decode, torch.device(device), preprocess) == expected
+    backbone, cpu = create_backbone(TINY_BACKBONE, pretrained=False), torch.device("cpu")
+    keys = {extract_module.extractor_key(backbone, cpu, j)["decode"] for j in ("cpu", "mixed")}
+    assert len(keys) == 2  # the cache tells "mixed" features from the workers' ones

@@ -61,8 +61,9 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
     ``decode`` says where plain JPEGs are decoded: ``"workers"`` (libjpeg-turbo through simplejpeg, in the
     worker processes), ``"device"`` (torchvision on the extraction device: nvJPEG on a GPU), ``"dali"``
     (NVIDIA DALI: the GPU's hardware JPEG decoder, or libjpeg-turbo on a CPU) or ``"auto"`` (on a
-    GPU DALI where installed, else nvJPEG, else the workers; on a CPU the workers); other files
-    always use the workers.
+    GPU DALI where installed, else nvJPEG for the JPEGs the workers would decode at full size and
+    the workers for those they decode at reduced size, else the workers; on a CPU the workers);
+    other files always use the workers.
     Under torchrun each rank extracts (and caches) its own contiguous shard of *paths*, and every
     rank gets all the features.
     """
@@ -90,12 +91,12 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
     """:func:`extract_features` in this process, skipped files listed (never an error)."""
     dev = resolve_device(device)
     dali = _dali_decoder(decode, dev, backbone.preprocess, batch_size, workers)
-    device_jpegs = dali is not None or _decode_on_device(decode, dev, backbone.preprocess)
+    jpegs = "dali" if dali is not None else _jpegs_on_device(decode, dev, backbone.preprocess)
     store = None
     keys: list[str | None] = [None] * len(paths)
     if cache is not False:
         root = default_cache_dir() if cache is True else Path(cache)
-        extractor = extractor_key(backbone, dev, device_jpegs, dali=dali is not None)
+        extractor = extractor_key(backbone, dev, jpegs)
         store = FeatureCache(root, extractor, backbone.num_features, reporter)
         keys = content_keys(paths)
     found = store.lookup(keys) if store else {}
@@ -117,7 +118,7 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
 
         try:
             for index, rows in _run_backbone(backbone, [paths[i] for i in todo], dev, batch_size, workers,
-                                             device_jpegs, dali, failures, reporter):
+                                             jpegs, dali, failures, reporter):
                 index = todo[index]
                 out[index] = rows
                 cacheable = np.array([keys[i] is not None for i in index], dtype=bool)
@@ -132,21 +133,24 @@ def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int
     return Features(out[kept], kept, skipped, len(found))
 
 
-def extractor_key(backbone: Backbone, device: torch.device, device_jpegs: bool, dali: bool = False) -> dict:
-    """Everything that changes a feature value: weights, layer, preprocessing, decoder and precision."""
-    decoder = "dali" if dali else "device" if device_jpegs else "cpu"  # "pil" before simplejpeg
+def extractor_key(backbone: Backbone, device: torch.device, jpegs: str) -> dict:
+    """Everything that changes a feature value: weights, layer, preprocessing, decoder and precision.
+
+    *jpegs*: where plain JPEGs decode: "cpu" (the workers; "pil" before simplejpeg), "device" (nvJPEG),
+    "dali", or "mixed" (nvJPEG for those the workers cannot decode at reduced size).
+    """
     return {"name": backbone.name, "digest": backbone.weights_digest, "layer": backbone.layer,
-            "preprocess": backbone.preprocess.to_json(), "decode": decoder,
+            "preprocess": backbone.preprocess.to_json(), "decode": jpegs,
             "precision": "bf16" if device.type == "cuda" else "fp32"}
 
 
 def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, batch_size: int,
-                  workers: int | None, device_jpegs: bool, dali: DaliDecoder | None, failures: dict[int, str],
+                  workers: int | None, jpegs: str, dali: DaliDecoder | None, failures: dict[int, str],
                   reporter: Reporter) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(indices into paths, feature rows)`` batch by batch; decode failures go into *failures*."""
     model = inference_model(backbone, device)
     workers = default_workers(device) if workers is None else workers
-    loader = chunk_loader(paths, backbone.preprocess, device, batch_size, workers, device_jpegs)
+    loader = chunk_loader(paths, backbone.preprocess, device, batch_size, workers, jpegs)
     normalize, pending = Normalizer(backbone.preprocess, device), None
     try:
         with (reporter.task(f"extracting {backbone.name}", len(paths)) as task,
@@ -162,16 +166,23 @@ def _run_backbone(backbone: Backbone, paths: list[Path], device: torch.device, b
         backbone.model.to("cpu")
 
 
-def _decode_on_device(decode: str, device: torch.device, preprocess: Preprocess) -> bool:
+def _jpegs_on_device(decode: str, device: torch.device, preprocess: Preprocess) -> str:
+    """Where plain JPEGs decode when DALI does not: "cpu", "device" or "mixed" (``decode="auto"`` on CUDA).
+
+    "mixed": JPEGs the workers can decode at reduced size (DCT scaling) stay with them, the others go
+    to nvJPEG, which decodes every pixel. Measured on an H200 with 16 cores (resnet50): on 500x375
+    JPEGs nvJPEG's pipeline ran 7.4k/s against the workers' 5.0k/s, on 0.3-12 MP photos 572/s
+    against 639/s, and xferkit with nvJPEG reached 379 photos/s against 614/s with the workers.
+    """
     if decode not in DECODE_CHOICES:
         raise XferkitError(f"unknown decode {decode!r}; use one of {', '.join(DECODE_CHOICES)}.")
     if decode == "workers" or decode == "auto" and device.type != "cuda":
-        return False
+        return "cpu"
     works = supports_tensor_resize(preprocess) and gpu_decode_available(device)
     if decode == "device" and not works:
         raise XferkitError(f"JPEGs cannot be decoded on {device} here (torchvision without nvJPEG, or "
                            f"a {preprocess.interpolation} resize); use decode='workers'.")
-    return works
+    return "cpu" if not works else "device" if decode == "device" else "mixed"
 
 
 def _dali_decoder(decode: str, device: torch.device, preprocess: Preprocess, batch_size: int,

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xferkit.core.devices import default_workers
 from xferkit.io.images import UnreadableImage, read_jpeg
+from xferkit.io.jpeg_cpu import dct_scale
 from xferkit.io.jpeg_device import JpegBatch
 from xferkit.preprocess import MAX_TENSOR_ASPECT, Preprocess, image_to_tensor
 
@@ -40,16 +41,23 @@ class ImageTensors(Dataset):
 
 
 class ExtractionItems(ImageTensors):
-    """Like :class:`ImageTensors`, but with ``device_jpegs`` plain JPEGs come back undecoded."""
+    """Like :class:`ImageTensors`, but plain JPEGs for the device come back undecoded.
 
-    def __init__(self, paths: list[Path], preprocess: Preprocess, device_jpegs: bool):
+    *jpegs* says which: "cpu" none, "device" or "dali" all, "mixed" those the workers would decode
+    at full size (the device decoder decodes every pixel; the workers scale large ones down).
+    """
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess, jpegs: str):
         super().__init__(paths, preprocess)
-        self.device_jpegs = device_jpegs
+        self.jpegs = jpegs
 
     def __getitem__(self, i: int):
-        jpeg = read_jpeg(self.paths[i]) if self.device_jpegs else None
+        jpeg = read_jpeg(self.paths[i]) if self.jpegs != "cpu" else None
         if jpeg is not None and max(jpeg.size) > MAX_TENSOR_ASPECT * min(jpeg.size):
             jpeg = None  # resized whole on the device, a long strip would take gigabytes: the CPU crops first
+        scaled = jpeg is not None and dct_scale(jpeg.size, self.preprocess.resize_size) < 1
+        if scaled and self.jpegs == "mixed":
+            jpeg = None  # the workers decode it at reduced size, the device would decode every pixel
         return (i, None, "", jpeg) if jpeg is not None else (*self.decode(i), None)
 
 
@@ -99,12 +107,15 @@ def image_loader(paths: list[Path], preprocess: Preprocess, device: torch.device
 
 
 def chunk_loader(paths: list[Path], preprocess: Preprocess, device: torch.device, batch_size: int,
-                 workers: int, device_jpegs: bool) -> DataLoader:
-    """:class:`Chunk` s from *workers* processes; with several, small chunks keep all of them busy."""
-    chunk = min(batch_size, CHUNK[device_jpegs], math.ceil(len(paths) / max(workers, 1)))
+                 workers: int, jpegs: str) -> DataLoader:
+    """:class:`Chunk` s from *workers* processes; with several, small chunks keep all of them busy.
+
+    *jpegs*: which plain JPEGs are left to the device (see :class:`ExtractionItems`).
+    """
+    chunk = min(batch_size, CHUNK[jpegs != "cpu"], math.ceil(len(paths) / max(workers, 1)))
     chunk = batch_size if workers <= 1 else chunk
     cuda = device.type == "cuda"
-    return DataLoader(ExtractionItems(paths, preprocess, device_jpegs), batch_size=chunk,
+    return DataLoader(ExtractionItems(paths, preprocess, jpegs), batch_size=chunk,
                       num_workers=workers, collate_fn=collate_chunk, pin_memory=cuda,
                       worker_init_fn=_feeding_worker_init if workers and cuda else None,
                       prefetch_factor=4 if workers else None)

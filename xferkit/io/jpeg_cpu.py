@@ -20,11 +20,16 @@ from xferkit.io.jpeg_device import orient
 SCALES = (1 / 8, 1 / 4, 1 / 2)
 
 
+def dct_scale(size: tuple[int, int], min_size: int) -> float:
+    """The smallest of 1/8, 1/4, 1/2 or 1 at which a JPEG of *size* still has a shorter side of *min_size*."""
+    return next((s for s in SCALES if min(size) * s >= min_size), 1.0)
+
+
 def decode_scaled(jpeg: JpegFile, min_size: int) -> torch.Tensor:
-    """A ``(3, H, W)`` uint8 view of *jpeg*, upright, decoded at the smallest of 1/8, 1/4, 1/2 or full
-    size whose shorter side still reaches *min_size*. Raises ``ValueError`` where libjpeg-turbo fails."""
+    """A ``(3, H, W)`` uint8 view of *jpeg*, upright, decoded at :func:`dct_scale` of its size.
+    Raises ``ValueError`` where libjpeg-turbo fails."""
     w, h = jpeg.size
-    scale = next((s for s in SCALES if min(w, h) * s >= min_size), 1.0)
+    scale = dct_scale(jpeg.size, min_size)
     pixels = simplejpeg.decode_jpeg(jpeg.data, colorspace="RGB", min_width=math.ceil(w * scale),
                                     min_height=math.ceil(h * scale))
     return orient(torch.from_numpy(pixels).permute(2, 0, 1), jpeg.orientation)
