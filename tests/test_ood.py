@@ -30,6 +30,17 @@ def test_far_points_are_flagged_and_in_distribution_ones_at_about_the_rate_by_di
     assert flagged <= RATE + 3 * math.sqrt(RATE * (1 - RATE) / len(X_test))
 
 
+def test_distance_stays_finite_when_most_features_are_constant():
+    """Dead ReLU units: a median deviation of 0 once gave constant features a floor of 0 (inf distances)."""
+    (X, y), (X_val, _), _, far = problem()
+    dead = np.zeros((len(X), 12), dtype=np.float32)
+    means = ClassMeans.fit(np.hstack([X, dead]), y, 3)
+    assert (means.std > 0).all()
+    inside = means.distance(np.hstack([X_val, np.zeros((len(X_val), 12), dtype=np.float32)]))
+    outside = means.distance(np.hstack([far, np.ones((len(far), 12), dtype=np.float32)]))
+    assert np.isfinite(inside).all() and np.isfinite(outside).all() and outside.min() > inside.max()
+
+
 @pytest.mark.parametrize("head", ["lr", pytest.param("gp", marks=pytest.mark.slow), "bnn"])
 def test_each_heads_ood_score_flags_far_points(head):
     """The score each head is assigned (its own uncertainty, or the distance) through the held-out record."""

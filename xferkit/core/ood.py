@@ -16,7 +16,8 @@ from scipy.stats import rankdata
 
 from xferkit.core.conformal import finite_sample_quantile
 
-#: A feature's pooled standard deviation is at least this fraction of the median one (constant features).
+#: A feature's pooled standard deviation is at least this fraction of the median non-zero one (constant
+#: features: dead ReLU units are often most of them).
 MIN_RELATIVE_STD = 1e-3
 
 
@@ -33,7 +34,8 @@ class ClassMeans:
         X = np.asarray(X, dtype=np.float64)
         means = np.stack([X[y == c].mean(axis=0) for c in range(n_classes)])
         std = np.sqrt(((X - means[y]) ** 2).mean(axis=0))
-        floor = MIN_RELATIVE_STD * max(float(np.median(std)), np.finfo(np.float64).tiny)
+        varying = std[std > 0]
+        floor = MIN_RELATIVE_STD * (float(np.median(varying)) if len(varying) else 1.0)
         return cls(means.astype(np.float32), np.maximum(std, floor).astype(np.float32))
 
     def distance(self, X: np.ndarray) -> np.ndarray:
