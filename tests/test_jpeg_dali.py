@@ -113,7 +113,7 @@ def test_dali_extraction_matches_the_workers_and_falls_back_to_pil(tmp_path, mon
 def test_the_cache_tells_dali_features_apart(tmp_path):
     backbone = create_backbone(TINY_BACKBONE, pretrained=False)
     cpu = torch.device("cpu")
-    keys = [extract_module.extractor_key(backbone, cpu, jpegs)["decode"] for jpegs in ("cpu", "device", "dali")]
+    keys = [extract_module.extractor_key(backbone, cpu, w)["decode"] for w in ("cpu", "device", "dali")]
     assert keys[2] == "dali" and len(set(keys)) == 3
     paths = [_photo(tmp_path / f"{i}.jpg", size=(120, 90), seed=i) for i in range(3)]
     cache = tmp_path / "cache"
