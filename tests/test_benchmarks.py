@@ -145,3 +145,14 @@ def test_decode_limits_time_each_decoder_without_the_backbone(bench, tmp_path):
     limits = extract.decode_limits(create_backbone(TINY_BACKBONE, pretrained=False), paths,
                                    torch.device("cpu"), 2, 0)
     assert {"workers", "device"} <= set(limits) and all(rate > 0 for rate in limits.values())
+
+
+def test_gpu_decoders_benchmark_runs_the_cpu_decoders(bench, tmp_path, capsys):
+    extract = bench("extract")
+    extract.make_images(tmp_path / "jpegs", 4, ((64, 48), (48, 64)))
+    result = bench("gpu_decoders").main([str(tmp_path / "jpegs"), "--images", "4", "--batch-size", "2",
+                                         "--device", "cpu", "--json", str(tmp_path / "d.json")])
+    rates = result[str(tmp_path / "jpegs")]
+    assert rates["files"] == 4 and rates["torchvision"] > 0
+    assert "nvimgcodec CPU_ONLY" in rates  # images/s, or why nvImageCodec could not run here
+    assert "| torchvision |" in capsys.readouterr().out
