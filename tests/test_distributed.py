@@ -184,6 +184,18 @@ def test_chunked_objective_and_gradient_are_the_in_memory_ones():
     np.testing.assert_allclose(g2.numpy(), g1.numpy(), rtol=1e-4, atol=1e-7)
 
 
+def test_chunks_of_a_subset_are_its_rows_in_order():
+    """A held-out part is read in the chunks' one pass: positions count the subset's rows, in order."""
+    from xferkit.heads._lbfgs import standardised_chunks
+
+    X = np.arange(60, dtype=np.float32).reshape(20, 3)
+    subset = np.array([0, 4, 5, 6, 19])
+    for rows in (X, torch.from_numpy(X)):
+        chunks = list(standardised_chunks(rows, np.ones(3), np.full(3, 2.0), chunk_rows=5, subset=subset))
+        assert [start for start, _ in chunks] == [0, 2, 4]  # rows 10-14 hold none of them: no chunk
+        np.testing.assert_array_equal(torch.cat([c for _, c in chunks]).numpy(), (X[subset] - 1) / 2)
+
+
 def test_streamed_fit_of_a_memory_map_reaches_the_in_memory_objective(tmp_path):
     from xferkit.heads import LogisticHead
 
@@ -197,8 +209,6 @@ def test_streamed_fit_of_a_memory_map_reaches_the_in_memory_objective(tmp_path):
     reached, reference = _objective(streamed, X, y), _objective(in_memory, X, y)
     assert abs(reached - reference) <= 1e-6 * reference
     assert (streamed.predict(X) == in_memory.predict(X)).mean() > 0.99
-    with pytest.raises(XferkitError, match="needs a number for C"):
-        LogisticHead().fit_streamed(mapped, y)
 
 
 #: Each rank fits its own half of the rows, sharded; rank 0 saves the coefficients it got.
@@ -428,3 +438,172 @@ def test_gp_scale_benchmark_runs_end_to_end(monkeypatch, tmp_path):
     assert peak["fit_end"] >= peak["first_epoch"] >= peak["kmeans_start"] >= peak["before_fit"] > 0
     assert seconds["fit"] >= seconds["kmeans"] > 0 and result["epochs"] == 2
     assert result["train_accuracy_sample"] > 0.6 and not (tmp_path / "X.npy").exists()
+
+
+def test_each_ranks_share_of_the_held_out_split_is_its_part_of_the_one_process_split(monkeypatch):
+    """Two simulated ranks (their all_gather answered by hand) hold out exactly the rows one process does."""
+    from xferkit.heads import lr
+    from xferkit.heads.base import stratified_holdout
+
+    y = np.random.default_rng(0).integers(0, 3, 101)
+    kept, held_out = stratified_holdout(y, 0.2, 5)
+    parts = [y[:50], y[50:]]
+    monkeypatch.setattr(lr, "all_gather_objects", lambda obj: parts)
+    got = []
+    for rank, start in ((0, 0), (1, 50)):
+        monkeypatch.setattr(lr, "rank", lambda rank=rank: rank)
+        own_kept, own_held, n_held = lr._own_split(parts[rank], 0.2, 5, sharded=True)
+        assert n_held == len(held_out) and 0 < len(own_held) < len(held_out)
+        got.append((own_kept + start, own_held + start))
+    assert np.concatenate([k for k, _ in got]).tolist() == kept.tolist()
+    assert np.concatenate([h for _, h in got]).tolist() == held_out.tolist()
+    assert lr._own_split(y, 0.2, 5, sharded=False)[0].tolist() == kept.tolist()
+
+
+def test_streamed_fit_chooses_C_like_the_in_memory_fit(tmp_path):
+    """C=None on a memory map, a chunk at a time: the held-out split, C and the objective of ``fit``."""
+    from xferkit.heads import LogisticHead
+
+    X, y = _features(n=300)
+    np.save(tmp_path / "X.npy", X)
+    mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
+    steps = []
+    in_memory = LogisticHead(solver="torch", random_state=3).fit(X, y)
+    streamed = LogisticHead(random_state=3).fit_streamed(mapped, y, chunk_rows=70, sharded=True,
+                                                         progress=lambda *step: steps.append(step))
+    assert streamed.C_ == in_memory.C_ and streamed.solver_ == "torch"
+    assert [step[:2] for step in steps] == [(1, 2), (2, 2)] and f"C={streamed.C_:g}" in steps[0][2]
+    reached, reference = _objective(streamed, X, y), _objective(in_memory, X, y)
+    assert abs(reached - reference) <= 1e-6 * reference
+    with pytest.raises(XferkitError, match="give validation_fraction > 0"):
+        LogisticHead(validation_fraction=0).fit_streamed(mapped, y)
+
+
+def test_the_lr_path_for_torchrun_fits_like_one_process(monkeypatch, tmp_path):
+    """The torchrun lr path run on one process (collectives are no-ops there) gives the usual model."""
+    from xferkit.heads import LogisticHead
+    from xferkit.io.data import load_splits
+    from xferkit.model import models
+    from xferkit.model.options import BackboneOptions, ExtractOptions
+
+    data = write_image_folder(tmp_path / "data", per_class=8)
+    splits = load_splits(data, 0.2, 0)
+    common = {"backbone": BackboneOptions(TINY_BACKBONE, pretrained=False), "train": splits.train,
+              "val": splits.val, "options": ExtractOptions(workers=0)}
+    usual, _ = models.fit_model("lr", **common)
+    gathers, extract = [], models.extract_features
+    monkeypatch.setattr(models, "streams", lambda head, folds: True)
+    monkeypatch.setattr(models, "extract_features",
+                        lambda *a, **k: gathers.append(k["gather"]) or extract(*a, **k))
+    sharded, fitted = models.fit_model("lr", **common)
+    assert gathers == [False, False]  # the training and the validation images: never gathered
+    head = sharded.estimator
+    assert head.solver_ == "torch" and head.C_ == usual.estimator.C_
+    assert sharded.classes == usual.classes and fitted.skipped == []
+    X = models._extract(usual.backbone, splits.train.paths, common["options"], models.SILENT).features
+    reference = LogisticHead(random_state=0).fit_streamed(X, models._names(splits.train))
+    np.testing.assert_allclose(head.coef_, reference.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sharded.class_means.means, usual.class_means.means, rtol=1e-5, atol=1e-6)
+    # a constant channel's deviation is 0 or rounding noise, floored by 1e-3 of the median: absolute slack
+    np.testing.assert_allclose(sharded.class_means.std, usual.class_means.std, rtol=1e-5,
+                               atol=1e-4 * usual.class_means.std.max())
+    assert sharded.metrics["n"] == usual.metrics["n"] == 6
+    assert sharded.metrics["accuracy"] == usual.metrics["accuracy"]
+    np.testing.assert_allclose(sharded.held_out.ood_scores, usual.held_out.ood_scores, rtol=1e-4)
+
+
+#: The CLI, recording per rank the widths of the float tables it gathers, the rows lr fits on, and saves.
+RECORDING_RANK = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch.distributed as dist
+from xferkit.core import distributed
+from xferkit.heads import LogisticHead
+from xferkit.model.models import TransferModel
+
+record = {"gathered_widths": [], "fitted_rows": [], "saves": 0}
+gather, fit, save = dist.all_gather_object, LogisticHead.fit_streamed, TransferModel.save
+
+def widths(obj):
+    if isinstance(obj, np.ndarray):
+        return [obj.shape[1]] if obj.ndim == 2 and obj.dtype.kind == "f" else []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [w for item in items for w in widths(item)]
+
+def recorded_gather(out, obj, *args, **kwargs):
+    record["gathered_widths"] += widths(obj)
+    return gather(out, obj, *args, **kwargs)
+
+def recorded_fit(head, X, y, **kwargs):
+    record["fitted_rows"].append(len(X))
+    return fit(head, X, y, **kwargs)
+
+def recorded_save(model, *args, **kwargs):
+    record["saves"] += 1
+    return save(model, *args, **kwargs)
+
+dist.all_gather_object, LogisticHead.fit_streamed = recorded_gather, recorded_fit
+TransferModel.save = recorded_save
+from xferkit.cli import app
+try:
+    app(sys.argv[2:], prog_name="xferkit")
+finally:
+    Path(f"{sys.argv[1]}.{distributed.rank()}.json").write_text(json.dumps(record))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("C", [None, 0.01])
+def test_torchrun_lr_repurpose_fits_each_ranks_rows_like_one_process(tmp_path, C):
+    """2 ranks: one process's classes, C and validation metrics, the streamed fit of all the rows (its
+    objective; its weights where C makes them well determined); no feature table gathered; rank 0 saves."""
+    from xferkit.heads import FeatureHead, LogisticHead
+    from xferkit.io.data import load_splits
+
+    data = write_image_folder(tmp_path / "data", per_class=12)
+    args = ["repurpose", data, "--backbone", TINY_BACKBONE, "--no-pretrained", "--workers", "0", "--json",
+            *(["--C", C] if C else [])]
+    single = json.loads(run_cli(*args, "-o", tmp_path / "one").stdout)
+    (tmp_path / "rank.py").write_text(RECORDING_RANK)
+    done = _torchrun(tmp_path / "rank.py", tmp_path / "record", *args, "-o", tmp_path / "two")
+    assert done.returncode == 0, done.stderr
+    both = json.loads(done.stdout)  # only rank 0 printed: one JSON document
+    one, two = FeatureHead.load(tmp_path / "one"), FeatureHead.load(tmp_path / "two")
+    assert both["classes"] == single["classes"] and two.C_ == one.C_ and two.solver_ == "torch"
+    for key, value in single["validation_metrics"].items():
+        assert both["validation_metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    train = load_splits(data, 0.2, 0).train
+    features = extract_features(create_backbone(TINY_BACKBONE, pretrained=False), train.paths, workers=0)
+    labels = np.array(train.classes)[train.labels][features.kept]
+    reference = LogisticHead(C, random_state=0).fit_streamed(features.features, labels)
+    np.testing.assert_allclose(two.mean_, reference.mean_, rtol=1e-5, atol=1e-6)
+    y = np.searchsorted(reference.classes_, labels)
+    reached, best = _objective(two, features.features, y), _objective(reference, features.features, y)
+    assert abs(reached - best) <= 1e-6 * max(best, 1.0)  # the solver's own stopping rule (FTOL)
+    if C:  # C=100 (chosen here) leaves the weights ill-determined: a 1e-5 change of X moves them by 20%
+        for name in ("coef_", "intercept_"):
+            got, expected = getattr(two, name), getattr(reference, name)
+            assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), name
+    records = [json.loads((tmp_path / f"record.{rank}.json").read_text()) for rank in range(2)]
+    width = create_backbone(TINY_BACKBONE, pretrained=False).num_features
+    assert all(width not in r["gathered_widths"] and 3 in r["gathered_widths"] for r in records), records
+    assert [r["fitted_rows"] for r in records] == [[15], [15]]  # each rank fits its half of the 30 images
+    assert [r["saves"] for r in records] == [1, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "one", "rank.py", "record.0.json",
+                                                          "record.1.json", "two"]
+
+
+@pytest.mark.slow
+def test_lr_sharded_benchmark_runs_on_two_ranks(tmp_path):
+    from xferkit.heads.lr import C_GRID
+
+    done = _torchrun(ROOT / "benchmarks" / "lr_sharded.py", "--rows", "3000", "--dim", "16", "--classes", "3",
+                     "--chunk-rows", "700", "--choose-C", "--data", tmp_path / "X.npy", "--json",
+                     tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["world_size"] == 2 and result["same_weights_on_every_rank"]
+    assert [r["rows"] for r in result["ranks"]] == [1500, 1500] and done.stdout.count("| rank ") == 2
+    assert all(r["peak_rss_mb"] >= r["peak_rss_mb_before_fit"] > 0 for r in result["ranks"])
+    assert result["C"] in C_GRID and result["iterations"] > 0 and not (tmp_path / "X.npy").exists()

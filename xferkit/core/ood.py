@@ -33,7 +33,11 @@ class ClassMeans:
         """Class means and pooled within-class deviations of features *X* with class indices *y*."""
         X = np.asarray(X, dtype=np.float64)
         means = np.stack([X[y == c].mean(axis=0) for c in range(n_classes)])
-        std = np.sqrt(((X - means[y]) ** 2).mean(axis=0))
+        return cls.of(means, np.sqrt(((X - means[y]) ** 2).mean(axis=0)))
+
+    @classmethod
+    def of(cls, means: np.ndarray, std: np.ndarray) -> ClassMeans:
+        """From class means and pooled deviations, constant features' deviations raised to a floor."""
         varying = std[std > 0]
         floor = MIN_RELATIVE_STD * (float(np.median(varying)) if len(varying) else 1.0)
         return cls(means.astype(np.float32), np.maximum(std, floor).astype(np.float32))

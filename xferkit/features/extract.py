@@ -53,7 +53,7 @@ class Features:
 
 def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "auto", batch_size: int = 64,
                      workers: int | None = None, cache: bool | str | Path = True, strict: bool = False,
-                     decode: str = "auto", reporter: Reporter = SILENT) -> Features:
+                     decode: str = "auto", gather: bool = True, reporter: Reporter = SILENT) -> Features:
     """Features for *paths* (rows in input order, skipped files left out and listed).
 
     ``cache``: ``True`` uses the default cache folder, a path another one, ``False`` none.
@@ -65,7 +65,8 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
     the workers for those they decode at reduced size, else the workers; on a CPU the workers);
     other files always use the workers.
     Under torchrun each rank extracts (and caches) its own contiguous shard of *paths*, and every
-    rank gets all the features.
+    rank gets all the features; ``gather=False``: only its own shard's rows (``kept`` still indexing
+    *paths*), with every rank's skipped files.
     """
     paths = [Path(p) for p in paths]
     sharded = init()  # under torchrun: joined first, so that "cuda" means this rank's GPU
@@ -73,7 +74,7 @@ def extract_features(backbone: Backbone, paths: list[Path], *, device: str = "au
     feats = _extract(backbone, paths[here.start:here.stop], device, batch_size, workers, cache, decode,
                      reporter)
     if sharded:
-        feats = _gathered(feats, here.start)
+        feats = _gathered(feats, here.start) if gather else _own_rows(feats, here.start)
     if strict:
         refuse_skipped(feats.skipped)
     return feats
@@ -84,6 +85,12 @@ def _gathered(local: Features, start: int) -> Features:
     parts = all_gather_objects((local.features, local.kept + start, local.skipped, local.from_cache))
     return Features(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                     [s for p in parts for s in p[2]], sum(p[3] for p in parts))
+
+
+def _own_rows(local: Features, start: int) -> Features:
+    """This rank's features, ``kept`` as positions in all the paths; every rank's skipped files."""
+    skipped = [s for part in all_gather_objects(local.skipped) for s in part]
+    return Features(local.features, local.kept + start, skipped, local.from_cache)
 
 
 def _extract(backbone: Backbone, paths: list[Path], device: str, batch_size: int, workers: int | None,

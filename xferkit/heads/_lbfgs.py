@@ -27,18 +27,30 @@ class _Chunks:
 
     X is a torch tensor, or a numpy array (a memory-mapped one is copied a chunk at a time and its
     pages are let go after each, so a matrix larger than memory streams from the page cache).
+    ``subset`` (sorted row positions) keeps only those rows, read in the same pass: row ``i`` of the
+    chunks is then ``X[subset[i]]``, so a held-out split needs no copy of the rest.
     """
 
-    def __init__(self, X, device: torch.device, shift=None, scale=None, chunk_rows: int = CHUNK_ROWS):
-        self.X, self.device, self.chunk_rows = X, device, chunk_rows
-        self.n, self.d = X.shape
+    def __init__(self, X, device: torch.device, shift=None, scale=None, chunk_rows: int = CHUNK_ROWS,
+                 subset: np.ndarray | None = None):
+        self.X, self.device, self.chunk_rows, self.subset = X, device, chunk_rows, subset
+        self.n, self.d = X.shape if subset is None else (len(subset), X.shape[1])
         self.shift, self.scale = (None if a is None else torch.as_tensor(a, dtype=torch.float32).to(device)
                                   for a in (shift, scale))
 
     def __iter__(self):
-        """``(first row, rows)`` of each chunk in order."""
-        for start in range(0, self.n, self.chunk_rows):
-            yield start, self._prepared(self.X[start:start + self.chunk_rows])
+        """``(first row, rows)`` of each chunk in order (rows counted in ``subset`` when there is one)."""
+        done = 0
+        for start in range(0, self.X.shape[0], self.chunk_rows):
+            block = self.X[start:start + self.chunk_rows]
+            if self.subset is not None:
+                first, stop = np.searchsorted(self.subset, [start, start + len(block)])
+                if first == stop:
+                    continue
+                here = self.subset[first:stop] - start
+                block = block[torch.from_numpy(here).to(block.device) if torch.is_tensor(block) else here]
+            yield done, self._prepared(block)
+            done += len(block)
 
     def take(self, index: np.ndarray) -> torch.Tensor:
         """The rows at *index* (in sorted order), prepared like a chunk.
@@ -47,13 +59,13 @@ class _Chunks:
         each pull the kernel's whole read-ahead window into memory.
         """
         index = torch.from_numpy(np.sort(index))
-        if torch.is_tensor(self.X):
+        if torch.is_tensor(self.X) and self.subset is None:
             return self._prepared(self.X[index.to(self.X.device)])
         parts = []
         for start, rows in self:
             here = index[(index >= start) & (index < start + len(rows))] - start
             parts.append(rows[here.to(self.device)])
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else torch.zeros(0, self.d, device=self.device)
 
     def _prepared(self, rows) -> torch.Tensor:
         own = not torch.is_tensor(rows)  # a copy of ours, standardised in place
@@ -63,6 +75,11 @@ class _Chunks:
         if self.shift is not None:
             rows = (rows.sub_(self.shift) if own else rows - self.shift).div_(self.scale)
         return rows
+
+
+def standardised_chunks(X, shift, scale, chunk_rows: int = CHUNK_ROWS, subset: np.ndarray | None = None):
+    """``(first row, rows)`` of *X*'s chunks (of its *subset* rows, when given), standardised, on the CPU."""
+    return iter(_Chunks(X, torch.device("cpu"), shift, scale, chunk_rows, subset))
 
 
 def _release(X: np.ndarray) -> None:
@@ -112,8 +129,8 @@ class _Problems:
 
 def lbfgs_multinomial(X, y, n_classes: int, Cs: list[float], max_iter: int = 1000, tol: float = TOL,
                       ftol: float = FTOL, memory: int = 10, *, shift=None, scale=None,
-                      chunk_rows: int = CHUNK_ROWS, sharded: bool = False, device: torch.device | None = None
-                      ) -> tuple[torch.Tensor, int]:
+                      chunk_rows: int = CHUNK_ROWS, sharded: bool = False, device: torch.device | None = None,
+                      subset: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
     """Minimise scikit-learn's multinomial objective for every C at once; ``(b, d + 1, k)`` weights.
 
     L-BFGS whose initial inverse Hessian is ``(A + mu I)^-1`` (``A`` the features' second
@@ -125,10 +142,11 @@ def lbfgs_multinomial(X, y, n_classes: int, Cs: list[float], max_iter: int = 100
 
     *X* is a torch tensor (computed on its device) or a numpy array, possibly memory-mapped (read
     ``chunk_rows`` at a time onto *device*); ``shift`` and ``scale`` standardise its rows on the
-    way. ``sharded``: under torchrun, this rank's rows only; every rank gets the same weights.
+    way; ``subset`` (sorted positions) fits those rows of *X* only, *y* being their labels. ``sharded``:
+    under torchrun, this rank's rows only; every rank gets the same weights.
     """
     dev = X.device if torch.is_tensor(X) else torch.device(device or "cpu")
-    rows = _Chunks(X, dev, shift, scale, chunk_rows)
+    rows = _Chunks(X, dev, shift, scale, chunk_rows, subset)
     y = torch.as_tensor(y).to(dev)
     b, k, d = len(Cs), n_classes, rows.d
     problems = _Problems(rows, y, k, sharded)

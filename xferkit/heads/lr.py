@@ -24,9 +24,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from xferkit.core.devices import resolve_device
-from xferkit.core.distributed import all_gather_objects
+from xferkit.core.distributed import all_gather_objects, all_reduce_sum, rank
 from xferkit.core.errors import InvalidParameter
-from xferkit.heads._lbfgs import CHUNK_ROWS, lbfgs_multinomial, row_moments
+from xferkit.heads._lbfgs import CHUNK_ROWS, lbfgs_multinomial, row_moments, standardised_chunks
 from xferkit.heads.base import CONSTANT_STD, ArraySpec, FeatureHead, ProgressCallback, stratified_holdout
 from xferkit.heads.exportable import Standardised, constant
 
@@ -111,60 +111,99 @@ class LogisticHead(FeatureHead):
         return {"C": trial.suggest_float("C", 1e-4, 1e2, log=True)}
 
     def _fit(self, X: np.ndarray, y: np.ndarray, progress: ProgressCallback) -> None:
-        if self.C is None and self.validation_fraction == 0:
-            raise InvalidParameter("C=None chooses C on a held-out part of X: give validation_fraction > 0, "
-                                   "or a number for C.")
+        self._check_C_choice()
         Xs = self._standardised(X, np.float32)
         solve = self._solver(work=Xs.shape[0] * Xs.shape[1] * len(self.classes_))
-        self.C_ = float(self.C) if self.C is not None else self._choose_C(Xs, y, solve, progress)
-        (self.coef_,), (self.intercept_,), self.n_iter_ = solve(Xs, y, [self.C_])
-        steps = 1 if self.C is not None else 2
-        progress(steps, steps, f"C={self.C_:g}, {self.n_iter_} iterations")
 
-    def fit_streamed(self, X, y, *, chunk_rows: int = CHUNK_ROWS, sharded: bool = False) -> LogisticHead:
-        """Fit with the given ``C`` on rows read a chunk at a time: memory O(chunk), not O(X).
+        def held_out_nll(held_out: np.ndarray, coefs: list, intercepts: list) -> np.ndarray:
+            return _summed_nll(Xs[held_out], y[held_out], coefs, intercepts, len(self.classes_))
+        self._fit_choosing_C(y, lambda rows, Cs: solve(_rows(Xs, rows), _rows(y, rows), Cs), held_out_nll,
+                             progress)
+
+    def fit_streamed(self, X, y, *, chunk_rows: int = CHUNK_ROWS, sharded: bool = False,
+                     progress: ProgressCallback | None = None) -> LogisticHead:
+        """Fit on rows read a chunk at a time with the torch solver: memory O(chunk), not O(X).
 
         *X* may be a memory-mapped array larger than memory (``np.load(path, mmap_mode="r")``);
         standardisation happens chunk by chunk. ``sharded``: under torchrun each rank passes its own
-        rows, and every rank gets the head that ``fit`` would give on all of them.
+        rows (rank order being row order), and every rank gets the head that ``fit`` would give on all
+        of them. ``C=None`` holds out the rows ``fit`` would (the split is made of every rank's class
+        indices, gathered: 4 bytes a row), fits every C of C_GRID on the other rows at once, keeps the
+        one whose held-out NLL, summed over the ranks, is lowest, and refits it on all rows.
         """
         try:
             self._validate_params()
         except InvalidParameterError as err:
             raise InvalidParameter(str(err)) from None
-        if self.C is None:
-            raise InvalidParameter("fit_streamed needs a number for C (choosing C holds rows out in memory).")
+        self._check_C_choice()
         y = np.asarray(y)
         labels = np.concatenate(all_gather_objects(np.unique(y))) if sharded else y
         self.classes_, self.n_features_in_ = np.unique(labels), X.shape[1]
+        y = np.searchsorted(self.classes_, y)
         self.mean_, std = row_moments(X, chunk_rows, sharded)
         self.scale_ = np.where(std <= CONSTANT_STD * np.abs(self.mean_) + np.finfo(np.float64).tiny, 1.0, std)
-        self.C_, self.solver_ = float(self.C), "torch"
-        device = resolve_device("cpu" if self.device == "auto" else self.device)
-        (self.coef_,), (self.intercept_,), self.n_iter_ = _fit_torch(
-            X, np.searchsorted(self.classes_, y), [self.C_], len(self.classes_), self.max_iter, device,
-            shift=self.mean_, scale=self.scale_, chunk_rows=chunk_rows, sharded=sharded)
+        self.solver_ = "torch"
+        solve = partial(_fit_torch, X, n_classes=len(self.classes_), max_iter=self.max_iter,
+                        device=self._device(X.shape[0] * X.shape[1] * len(self.classes_)), shift=self.mean_,
+                        scale=self.scale_, chunk_rows=chunk_rows, sharded=sharded)
+
+        def held_out_nll(held_out: np.ndarray, coefs: list, intercepts: list) -> np.ndarray:
+            y_held, total = y[held_out], np.zeros(len(coefs))
+            for start, rows in standardised_chunks(X, self.mean_, self.scale_, chunk_rows, held_out):
+                total += _summed_nll(rows.numpy(), y_held[start:start + len(rows)], coefs, intercepts,
+                                     len(self.classes_))
+            return total
+        self._fit_choosing_C(y, lambda rows, Cs: solve(_rows(y, rows), Cs, subset=rows), held_out_nll,
+                             progress or (lambda *_: None), sharded)
         return self
+
+    def _check_C_choice(self) -> None:
+        if self.C is None and self.validation_fraction == 0:
+            raise InvalidParameter("C=None chooses C on a held-out part of X: give validation_fraction > 0, "
+                                   "or a number for C.")
+
+    def _fit_choosing_C(self, y: np.ndarray, solve_rows: Callable[[np.ndarray, list[float]], Solution],
+                        held_out_nll: Callable[[np.ndarray, list, list], np.ndarray],
+                        progress: ProgressCallback, sharded: bool = False) -> None:
+        """Set ``C_`` (given, or chosen on held-out rows), then fit it on all rows.
+
+        ``solve_rows(rows, Cs)`` fits every C on the rows at positions *rows* (None: all of them);
+        ``held_out_nll(rows, coefs, intercepts)`` sums each fit's NLL on *rows*. ``sharded``: *y* is this
+        rank's part of the rows.
+        """
+        if self.C is not None:
+            self.C_ = float(self.C)
+        else:
+            self.C_ = self._choose_C(y, solve_rows, held_out_nll, progress, sharded)
+        (self.coef_,), (self.intercept_,), self.n_iter_ = solve_rows(None, [self.C_])
+        steps = 1 if self.C is not None else 2
+        progress(steps, steps, f"C={self.C_:g}, {self.n_iter_} iterations")
 
     def _solver(self, work: int) -> Callable[[np.ndarray, np.ndarray, list[float]], Solution]:
         """``solve(Xs, y, Cs)`` for a problem of *work* multiply-adds per pass; sets ``solver_``."""
         self.solver_ = self.solver
         if self.solver == "auto":
             self.solver_ = "torch" if work >= TORCH_MIN_WORK else "sklearn"
-        device = resolve_device("cpu" if self.device == "auto" and work < GPU_MIN_WORK else self.device)
         return partial(_fit_torch if self.solver_ == "torch" else _fit_sklearn, n_classes=len(self.classes_),
-                       max_iter=self.max_iter, device=device)
+                       max_iter=self.max_iter, device=self._device(work))
 
-    def _choose_C(self, Xs: np.ndarray, y: np.ndarray, solve, progress: ProgressCallback) -> float:
-        """The C of C_GRID whose fit on the kept part has the lowest NLL on the held-out part."""
-        kept, held_out = stratified_holdout(y, self.validation_fraction, self.random_state)
-        if not len(held_out):
+    def _device(self, work: int) -> torch.device:
+        """Where the torch solver runs a problem of *work* multiply-adds per pass."""
+        return resolve_device("cpu" if self.device == "auto" and work < GPU_MIN_WORK else self.device)
+
+    def _choose_C(self, y: np.ndarray, solve_rows, held_out_nll, progress: ProgressCallback,
+                  sharded: bool) -> float:
+        """The C of C_GRID whose fit on the kept part has the lowest NLL on the held-out part.
+
+        ``sharded``: the split is the one of every rank's rows together, and the NLL sums are all-reduced.
+        """
+        kept, held_out, n_held_out = _own_split(y, self.validation_fraction, self.random_state, sharded)
+        if not n_held_out:
             progress(1, 2, f"C={FALLBACK_C:g}: too few examples to hold any out")
             return FALLBACK_C
-        coefs, intercepts, _ = solve(Xs[kept], y[kept], list(C_GRID))
-        labels = np.arange(len(self.classes_))
-        nll = [log_loss(y[held_out], _probabilities(_decision(Xs[held_out], coef, intercept)), labels=labels)
-               for coef, intercept in zip(coefs, intercepts, strict=True)]
+        coefs, intercepts, _ = solve_rows(kept, list(C_GRID))
+        nll = torch.from_numpy(held_out_nll(held_out, coefs, intercepts))
+        nll = (all_reduce_sum(nll) if sharded else nll).numpy() / n_held_out
         best = int(np.argmin(nll))
         progress(1, 2, f"C={C_GRID[best]:g}, held-out NLL {nll[best]:.3f}")
         return C_GRID[best]
@@ -197,6 +236,31 @@ class LogisticHead(FeatureHead):
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
+
+
+def _own_split(y: np.ndarray, fraction: float, random_state, sharded: bool
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """This rank's positions (kept, held out) in the stratified split of every rank's class indices *y*,
+    and how many are held out in all: the split ``fit`` makes of all the rows at once."""
+    parts = all_gather_objects(y.astype(np.int32)) if sharded else [y]
+    start = sum(len(part) for part in parts[:rank()]) if sharded else 0
+    kept, held_out = stratified_holdout(np.concatenate(parts), fraction, random_state)
+
+    def own(index: np.ndarray) -> np.ndarray:
+        return index[(index >= start) & (index < start + len(y))] - start
+    return own(kept), own(held_out), len(held_out)
+
+
+def _rows(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The rows of *a* at positions *rows*, or *a* itself for None (no copy)."""
+    return a if rows is None else a[rows]
+
+
+def _summed_nll(Xs: np.ndarray, y: np.ndarray, coefs: list, intercepts: list, n_classes: int) -> np.ndarray:
+    """Each fit's log-loss on rows *Xs* with class indices *y*, summed over the rows."""
+    labels = np.arange(n_classes)
+    return np.array([log_loss(y, _probabilities(_decision(Xs, coef, intercept)), labels=labels,
+                              normalize=False) for coef, intercept in zip(coefs, intercepts, strict=True)])
 
 
 def _decision(Xs: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:

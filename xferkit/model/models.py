@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +38,7 @@ from xferkit.model.held_out import CLASS_MEANS, HeldOut, load_class_means, save_
 from xferkit.model.manifest import MANIFEST, Manifest, damaged, read_manifest
 from xferkit.model.options import BackboneOptions, ExtractOptions
 from xferkit.model.registry import create_head, head_kind, head_params
+from xferkit.model.sharded import every_label, gathered_predictions, shared_class_means, streams
 from xferkit.preprocess import Preprocess
 
 #: Validation accuracy less than this above always answering the commonest class means "did not learn".
@@ -104,16 +106,21 @@ class TransferModel(ABC):
     def _uncertainty(self, proba: np.ndarray, extra: dict[str, np.ndarray], features: np.ndarray
                      ) -> dict[str, np.ndarray]:
         """The entropy of *proba*, the head's own scores, and the distance to the class means (if known)."""
-        distance = {"distance": self.class_means.distance(features)} if self.class_means else {}
+        distance = {}  # where extra has it (held out elsewhere), that one counts
+        if self.class_means and "distance" not in extra:
+            distance = {"distance": self.class_means.distance(features)}
         return {"entropy": predictive_entropy(proba), **distance, **extra}
 
     # --- fitting -----------------------------------------------------------------------------------
     def _validated(self, val: LabelledImages | None, options: ExtractOptions, calibrated: bool,
-                   reporter: Reporter) -> list[tuple[Path, str]]:
-        """Calibrate and score the model on *val*, record its held-out scores there; the skipped files."""
+                   reporter: Reporter, predict: Callable | None = None) -> list[tuple[Path, str]]:
+        """Calibrate and score the model on *val*, record its held-out scores there; the skipped files.
+
+        ``predict``: what gives the raw predictions, when not :meth:`_raw_predictions`.
+        """
         if val is None or not len(val):
             return []
-        proba, extra, feats = self._raw_predictions(val.paths, options, reporter)
+        proba, extra, feats = (predict or self._raw_predictions)(val.paths, options, reporter)
         if not len(feats.kept):
             return feats.skipped
         self._held_out(proba, extra, feats.features, val.relabel(self.classes).labels[feats.kept],
@@ -192,6 +199,10 @@ class FeatureModel(TransferModel):
         estimator = create_head(head, **_with_run_params(head, params, backbone, options, seed))
         net = create_backbone(backbone.name, backbone.weights, backbone.pretrained, backbone.layer,
                               backbone.image_size, reporter)
+        # lr under torchrun: each rank fits on its own rows. The other heads (and cross-fitting) keep the
+        # gathered path below: every rank holds all the features and fits the same head on them.
+        if streams(head, folds):
+            return cls._fit_own_rows(estimator, net, train, val, options, calibrated, reporter)
         feats = _extract(net, train.paths, options, reporter)
         y = _names(train)[feats.kept]
         _check_every_class_left(y, train.classes)
@@ -205,6 +216,26 @@ class FeatureModel(TransferModel):
         if folds:
             model._cross_fitted(feats.features, y, folds, seed, calibrated, reporter)
         return model, Fitted(feats.skipped + model._validated(val, options, calibrated, reporter), seconds)
+
+    @classmethod
+    def _fit_own_rows(cls, estimator: FeatureHead, net: Backbone, train: LabelledImages,
+                      val: LabelledImages | None, options: ExtractOptions, calibrated: bool,
+                      reporter: Reporter) -> tuple[FeatureModel, Fitted]:
+        """:meth:`fit` with the training features left on the ranks that extracted them (see ``sharded``)."""
+        feats = _extract(net, train.paths, options, reporter, gather=False)
+        y = _names(train)[feats.kept]
+        _check_every_class_left(every_label(y), train.classes)
+        seconds = _timed_fit(estimator, feats.features, y, reporter, method="fit_streamed", sharded=True)
+        model = cls(net, estimator)
+        model.class_means = shared_class_means(feats.features, np.searchsorted(estimator.classes_, y),
+                                               len(model.classes))
+        skipped = model._validated(val, options, calibrated, reporter, predict=model._predicted_own_rows)
+        return model, Fitted(feats.skipped + skipped, seconds)
+
+    def _predicted_own_rows(self, paths: list[Path], options: ExtractOptions, reporter: Reporter):
+        """:meth:`_raw_predictions`, each rank predicting the images it extracted; predictions gathered."""
+        own = _extract(self.backbone, paths, options, reporter, gather=False)
+        return gathered_predictions(self.estimator, self.class_means, own)
 
     def _cross_fitted(self, X: np.ndarray, y: np.ndarray, folds: int, seed: int, calibrated: bool,
                       reporter: Reporter) -> None:
@@ -365,18 +396,20 @@ def _with_run_params(head: str, params: dict, backbone: BackboneOptions, options
     return {**{k: v for k, v in run.items() if k in declared}, **params}
 
 
-def _timed_fit(estimator, X, y: np.ndarray, reporter: Reporter, **monitor) -> dict[str, float]:
-    """Fit *estimator*, drawing its progress; *monitor* (``epoch_end``...) goes to its ``fit``."""
+def _timed_fit(estimator, X, y: np.ndarray, reporter: Reporter, method: str = "fit", **monitor
+               ) -> dict[str, float]:
+    """Fit *estimator* by *method*, drawing its progress; *monitor* (``epoch_end``...) goes to that method."""
     start = time.perf_counter()
     with reporter.callback(f"fitting {estimator.name}") as progress, thread_budget():
-        estimator.fit(X, y, progress=progress, **monitor)
+        getattr(estimator, method)(X, y, progress=progress, **monitor)
     return {"fit": time.perf_counter() - start}
 
 
-def _extract(backbone: Backbone, paths: list[Path], options: ExtractOptions, reporter: Reporter) -> Features:
+def _extract(backbone: Backbone, paths: list[Path], options: ExtractOptions, reporter: Reporter,
+             gather: bool = True) -> Features:
     return extract_features(backbone, paths, device=options.device, batch_size=options.batch_size,
                             workers=options.workers, cache=options.cache, strict=options.strict,
-                            reporter=reporter)
+                            gather=gather, reporter=reporter)
 
 
 def _indices(names: np.ndarray) -> np.ndarray:
