@@ -1,4 +1,4 @@
-"""Pruned against unpruned tuning: best validation NLL and epochs trained, same seed and trial count.
+"""Pruned against unpruned tuning: best validation NLL and epochs trained, same seed and ``--trials``.
 
     python benchmarks/tune_pruning.py [--parts toy bnn finetune scratch] [--trials 20] [--seeds 0 1 2]
         [--arms none/gp halving/gp hyperband/gp hyperband/tpe] [--data sample_data]
@@ -9,8 +9,10 @@
 learn slowest), with noise. ``bnn``, ``finetune``, ``scratch``: ``xferkit tune --head HEAD`` on DATA
 (bnn on features, extracted once, then cached). Each arm is a pruner (``none``, ``halving``,
 ``hyperband``; the epoch as the resource) and a sampler (``gp``, ``tpe``); the first arm is the
-reference (``none/gp``: ``tune --no-prune``). Per seed, each arm's epochs over the reference's and its
-best NLL minus the reference's; the target is a ratio <= 0.5 and a difference <= 0.
+reference (``none/gp``: ``tune --no-prune``, ``--trials`` trials). A pruned arm runs trials until it has
+spent ``PRUNED_SHARE`` of the reference's epochs, as ``tune`` does. Per seed, each arm's epochs over the
+reference's and its best NLL minus the reference's; the target is a ratio <= 0.5 and a difference <= 0.
+``--json`` also records every trial (parameters, state, epochs, NLL), to see which ones pruning lost.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xferkit.api.tuning import (
+    PRUNED_SHARE,
+    EpochBudget,
     TrialRecord,
     best_record,
     epoch_pruner,
@@ -61,7 +65,8 @@ def toy_curve(params: dict, epoch_end) -> tuple[float, float]:
 def toy_run(folder: Path, arm: Arm, trials: int, seed: int) -> list[TrialRecord]:
     study = open_study(folder, {"toy": "curves"}, seed, startup_trials(trials),
                        epoch_pruner(arm.pruner, TOY_EPOCHS) if arm.pruner else None, arm.sampler)
-    run_trials(study, toy_curve, toy_space, trials)
+    budget = EpochBudget(int(trials * TOY_EPOCHS * PRUNED_SHARE), TOY_EPOCHS) if arm.pruner else None
+    run_trials(study, toy_curve, toy_space, trials, budget=budget)
     return trial_records(study)
 
 
@@ -105,12 +110,14 @@ def compare(run, part: str, arms: list[Arm], seeds: list[int]) -> dict:
         for arm in arms:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                rows[arm.name] = summary(run(Path(tmp) / "tune", arm, seed), time.perf_counter() - start)
+                records = run(Path(tmp) / "tune", arm, seed)
+                rows[arm.name] = summary(records, time.perf_counter() - start)
             base, row = rows[arms[0].name], rows[arm.name]
             row["epochs_ratio"] = round(row["epochs"] / base["epochs"], 3)
             row["best_nll_minus_reference"] = round(row["best_val_nll"] - base["best_val_nll"], 4)
             row["meets_target"] = row["epochs_ratio"] <= 0.5 and row["best_nll_minus_reference"] <= 0
             print(f"{part} seed {seed} {arm.name:>20}: {json.dumps(row)}", flush=True)
+            row["trial_records"] = [asdict(r) for r in records]
     print(f"| {part} | seed | arm | best val NLL | minus ref. | epochs | ratio | trials (pruned) | target |")
     for seed, rows in results.items():
         for name, row in rows.items():

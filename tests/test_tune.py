@@ -15,8 +15,12 @@ from optuna.trial import TrialState
 from xferkit.api import ExtractOptions, predict
 from xferkit.api.tuning import (
     JOURNAL,
+    PRUNED_SHARE,
     PRUNER,
+    PRUNERS,
+    REDUCTION,
     STUDY,
+    EpochBudget,
     TrialRecord,
     best_record,
     epoch_pruner,
@@ -49,9 +53,9 @@ def bowl(params: dict, epoch_end=None) -> tuple[float, float]:
 EPOCHS = 9
 
 
-def learning_curve(params: dict, epoch_end) -> tuple[float, float]:
+def toy_curve(params: dict, epoch_end, epochs: int = EPOCHS) -> tuple[float, float]:
     """The bowl approached as 1/epoch: a trial's rank at any epoch is its final one; stops when told."""
-    for epoch in range(1, EPOCHS + 1):
+    for epoch in range(1, epochs + 1):
         value = bowl(params)[0] + 3.0 / epoch
         if epoch_end(epoch, value):
             break
@@ -60,7 +64,7 @@ def learning_curve(params: dict, epoch_end) -> tuple[float, float]:
 
 def tuned(folder, pruner, trials: int = 12) -> list[TrialRecord]:
     """Random trials (all start-up: the same ones with and without *pruner*), read back from the journal."""
-    run_trials(open_study(folder, {"toy": "curve"}, seed=0, n_startup=trials, pruner=pruner), learning_curve,
+    run_trials(open_study(folder, {"toy": "curve"}, seed=0, n_startup=trials, pruner=pruner), toy_curve,
                space, trials)
     return trial_records(open_study(folder, {"toy": "curve"}))  # as a resumed run reads it
 
@@ -143,9 +147,25 @@ def test_pruned_tuning_runs_fewer_epochs_and_records_pruned_trials(tmp_path):
     rows = list(csv.DictReader(trials_csv(pruned).splitlines()))
     assert [(row["state"], int(row["epochs"])) for row in rows] == [(r.state, r.epochs) for r in pruned]
     ran = sum(r.epochs for r in pruned)
-    assert epochs_note(pruned, EPOCHS, "gp") == (f"{len(stopped)} of 12 trials pruned (the gp sampler "
-                                                 f"learned each where it stopped); the trials trained {ran} "
-                                                 f"epochs, {ran / 108:.0%} of 12 x 9")
+    assert epochs_note(pruned, 12, EPOCHS, "gp") == (
+        f"{len(stopped)} of 12 trials pruned (the gp sampler learned each where it stopped); the trials "
+        f"trained {ran} epochs, {ran / 108:.0%} of 12 x 9")
+
+
+def test_a_pruned_study_spends_its_epoch_budget_on_more_trials(tmp_path):
+    budget = EpochBudget(total=6 * EPOCHS, per_trial=EPOCHS)
+
+    def run() -> list[TrialRecord]:
+        study = open_study(tmp_path, {"toy": "curve"}, seed=0, n_startup=100,
+                           pruner=epoch_pruner("halving", EPOCHS))
+        run_trials(study, toy_curve, space, 6, budget=budget)
+        return trial_records(study)
+
+    records = run()
+    spent = sum(r.epochs for r in records)
+    assert any(r.state == "pruned" for r in records) and len(records) > 6  # the pruned epochs bought trials
+    assert spent <= budget.total < spent + EPOCHS  # stopped when one more full trial would overrun it
+    assert run() == records  # resumed: the budget is spent, nothing more runs
 
 
 #: How much higher pruned tuning's best toy NLL may end than unpruned tuning's (the toy's NLL spans
@@ -158,7 +178,7 @@ def test_pruned_tuning_runs_fewer_epochs_and_keeps_the_best_nll(tmp_path):
     """``tune``'s pruner, the GP learning where pruned trials stopped, against the unpruned GP (same seed)."""
     def run(folder, pruner):
         study = open_study(folder, {"toy": "curve"}, seed=0, n_startup=startup_trials(12), pruner=pruner)
-        run_trials(study, learning_curve, space, 12)
+        run_trials(study, toy_curve, space, 12)
         return study, trial_records(study)
 
     _, full = run(tmp_path / "full", None)
@@ -183,6 +203,29 @@ def test_hyperband_prunes_too(tmp_path):
     assert any(r.state == "pruned" for r in records)
     with pytest.raises(XferkitError, match="unknown pruner"):
         epoch_pruner("median", EPOCHS)
+
+
+class SeenTrials(optuna.samplers.RandomSampler):
+    """A random sampler that records how many trials it is shown before each draw."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.seen: list[int] = []
+
+    def sample_independent(self, study, trial, name, distribution):
+        self.seen.append(len(study.get_trials(deepcopy=False)))
+        return super().sample_independent(study, trial, name, distribution)
+
+
+def test_the_pruners_stop_no_trial_late_and_hide_no_trial_from_the_sampler(tmp_path):
+    epochs = 3 * EPOCHS
+    for name in PRUNERS:
+        study = open_study(tmp_path / name, {"toy": name}, pruner=epoch_pruner(name, epochs))
+        study.sampler = sampler = SeenTrials(seed=0)
+        run_trials(study, lambda params, epoch_end: toy_curve(params, epoch_end, epochs), space, 24)
+        stopped = [r.epochs for r in trial_records(study) if r.state == "pruned"]
+        assert stopped and max(stopped) <= epochs // REDUCTION  # a rung near the end would waste a trial
+        assert sampler.seen[-1] == 24  # Hyperband's samplers would see only the trials of one bracket
 
 
 def test_bnn_epoch_callback_hears_validation_nll_and_stops_training():
@@ -221,8 +264,9 @@ def test_tune_cli_records_each_trials_epochs_and_resumes_with_the_pruner(tmp_pat
     report = json.loads(run_cli("tune", data, "--trials", "2", "--no-prune", *bnn, "--json").stdout)
     assert [(t["state"], t["epochs"]) for t in report["trials"]] == [("complete", 9)] * 2
     assert "0 of 2 trials pruned; the trials trained 18 epochs" in " ".join(report["notes"])
-    resumed = json.loads(run_cli("tune", data, "--trials", "4", *bnn, "--json").stdout)
-    assert resumed["trials"][:2] == report["trials"] and len(resumed["trials"]) == 4
+    resumed = json.loads(run_cli("tune", data, "--trials", "6", *bnn, "--json").stdout)
+    assert resumed["trials"][:2] == report["trials"] and len(resumed["trials"]) >= 3
+    assert sum(t["epochs"] for t in resumed["trials"]) <= 6 * 9 * PRUNED_SHARE  # the 2 unpruned count too
     assert all(t["epochs"] == 9 if t["state"] == "complete" else t["state"] == "pruned" and t["epochs"] < 9
                for t in resumed["trials"])
     with open(out / "trials.csv") as f:
@@ -232,5 +276,5 @@ def test_tune_cli_records_each_trials_epochs_and_resumes_with_the_pruner(tmp_pat
     journal = JournalStorage(JournalFileBackend(str(out / JOURNAL)))
     study = optuna.load_study(study_name=STUDY, storage=journal)
     assert study.user_attrs["sampler"] == "gp"  # it learns from every trial, a pruned one where it stopped
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * len(resumed["trials"])
     assert [t.value for t in study.trials] == [t["val_nll"] for t in resumed["trials"]]

@@ -348,7 +348,8 @@ def tune(
     data: DataArgument,
     head: Head = HeadName.lr,
     trials: Annotated[int, typer.Option("--trials", min=1, max=10000, help="Trials in all (a re-run with the "
-                                        "same -o continues up to this many).")] = 20,
+                                        "same -o continues up to this many). Pruned, the trials train at "
+                                        "most half of TRIALS x epochs, and as many run as that holds.")] = 20,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the trials journal, "
                                                 "table, plot and the best model (default: "
                                                 "runs/tune-HEAD).")] = None,
