@@ -55,8 +55,8 @@ class ExtractionItems(ImageTensors):
         jpeg = read_jpeg(self.paths[i]) if self.jpegs != "cpu" else None
         if jpeg is not None and max(jpeg.size) > MAX_TENSOR_ASPECT * min(jpeg.size):
             jpeg = None  # resized whole on the device, a long strip would take gigabytes: the CPU crops first
-        scaled = jpeg is not None and dct_scale(jpeg.size, self.preprocess.resize_size) < 1
-        if scaled and self.jpegs == "mixed":
+        if (jpeg is not None and self.jpegs == "mixed"
+                and dct_scale(jpeg.size, self.preprocess.resize_size) < 1):
             jpeg = None  # the workers decode it at reduced size, the device would decode every pixel
         return (i, None, "", jpeg) if jpeg is not None else (*self.decode(i), None)
 
